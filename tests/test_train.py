@@ -1,0 +1,67 @@
+import json
+
+import torch
+
+from tests.conftest import run_script
+
+
+def _weights(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+def test_dry_run_end_to_end_json(tmp_path):
+    out = tmp_path / "m.pt"
+    r = run_script("train.py", "--dataset", "cifar10", "--model", "cnn_bn", "--dry-run", "--device", "cpu",
+                   "--out", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads(r.stdout.strip().splitlines()[-1])
+    assert 0 <= metrics["test_acc"] <= 100 and metrics["epoch"] == 1
+    ckpt = torch.load(out, weights_only=False)
+    assert set(ckpt) >= {"model", "optimizer", "config", "epoch", "metrics", "versions"}
+    assert ckpt["config"]["dataset"] == "cifar10" and ckpt["config"]["model"] == "cnn_bn"
+    assert not list(tmp_path.glob("*.tmp"))  # atomic write left no temp file
+
+
+def test_resume_continues_where_it_stopped(tmp_path):
+    common = ("train.py", "--dry-run", "--epochs", "3", "--device", "cpu", "--seed", "5")
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    r = run_script(*common, "--out", str(a), "--stop-after", "1")
+    assert r.returncode == 0, r.stderr
+    assert torch.load(a, weights_only=False)["epoch"] == 1
+    r = run_script(*common, "--out", str(a), "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stdout and "epoch   1/3" not in r.stdout and "epoch   2/3" in r.stdout
+    r = run_script(*common, "--out", str(b))
+    assert r.returncode == 0, r.stderr
+    wa, wb = _weights(a), _weights(b)
+    assert torch.load(a, weights_only=False)["epoch"] == 3
+    assert all(torch.equal(wa[k], wb[k]) for k in wb)  # interrupted + resumed == uninterrupted
+
+
+def test_same_seed_same_weights_after_one_epoch(tmp_path):
+    paths = [tmp_path / f"{i}.pt" for i in range(3)]
+    for p, seed in zip(paths, ("1", "1", "2")):
+        r = run_script("train.py", "--dry-run", "--device", "cpu", "--seed", seed, "--out", str(p))
+        assert r.returncode == 0, r.stderr
+    w0, w1, w2 = (_weights(p) for p in paths)
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    assert not all(torch.equal(w0[k], w2[k]) for k in w0)
+
+
+def test_bad_arguments_give_one_line_errors(tmp_path):
+    cases = [(("--dataset", "mnist"), "unknown --dataset 'mnist'"),
+             (("--model", "vgg"), "unknown --model 'vgg'"),
+             (("--data-root", str(tmp_path / "missing")), "does not exist"),
+             (("--eval-only", "--out", str(tmp_path / "none.pt")), "not found")]
+    for args, expected in cases:
+        r = run_script("train.py", "--device", "cpu", *args)
+        assert r.returncode == 2, (args, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], r.stderr
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    out = tmp_path / "m.pt"
+    assert run_script("train.py", "--dry-run", "--device", "cpu", "--out", str(out)).returncode == 0
+    r = run_script("train.py", "--model", "cnn_bn", "--eval-only", "--device", "cpu", "--out", str(out))
+    assert r.returncode == 2 and "holds fashion_mnist/cnn" in r.stderr

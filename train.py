@@ -1,0 +1,170 @@
+"""Train one of the float CNNs and save a checkpoint.
+
+    python train.py --dataset fashion_mnist --model cnn
+    python train.py --dataset cifar10 --model cnn_bn --epochs 40
+    python train.py --dataset cifar10 --model cnn --resume      # continue an interrupted run
+    python train.py --dataset cifar10 --model cnn --eval-only   # evaluate ckpt/cifar10_cnn.pt
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from data import DATASETS, Loader, get_loaders, synthetic_split
+from models import MODELS, build_model
+from utils.cli import CLIError, one_line_errors, resolve_device, set_seed
+from utils.io import load_checkpoint, save_checkpoint, versions
+from utils.training import evaluate, train_epoch
+
+# The default recipe per data set (every value can be overridden on the command line).
+RECIPES = {
+    "fashion_mnist": dict(epochs=30, lr=0.05, batch_size=128, weight_decay=5e-4, momentum=0.9,
+                          label_smoothing=0.1, augment=""),
+    "cifar10": dict(epochs=30, lr=0.05, batch_size=128, weight_decay=5e-4, momentum=0.9,
+                    label_smoothing=0.0, augment="crop4,flip"),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="fashion_mnist", help="fashion_mnist or cifar10 (default: %(default)s)")
+    p.add_argument("--model", default="cnn", help="cnn or cnn_bn (default: %(default)s)")
+    p.add_argument("--epochs", type=int, help="epochs (default: the data set's recipe, 30)")
+    p.add_argument("--lr", type=float, help="peak learning rate of the one-cycle schedule (default: recipe, 0.05)")
+    p.add_argument("--batch-size", type=int, help="training batch size (default: recipe, 128)")
+    p.add_argument("--weight-decay", type=float, help="SGD weight decay (default: recipe, 5e-4)")
+    p.add_argument("--label-smoothing", type=float, help="cross-entropy label smoothing (default: recipe)")
+    p.add_argument("--augment", help="comma list of crop<P>, flip; '' for none "
+                                     "(default: recipe: none for fashion_mnist, crop4,flip for cifar10)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+    p.add_argument("--data-root", default=None, help="data directory (default: $QDNN_DATA_ROOT, else datasets/)")
+    p.add_argument("--out", default=None, help="checkpoint path (default: ckpt/<dataset>_<model>.pt)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint at --out")
+    p.add_argument("--eval-only", action="store_true", help="only evaluate the checkpoint at --out")
+    p.add_argument("--dry-run", action="store_true", help="train on a small synthetic data set (1 epoch unless --epochs); "
+                                                          "saves only if --out is given")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="stop after this many epochs in this run, as if interrupted (to test --resume)")
+    p.add_argument("--json", action="store_true", help="print the final metrics as one JSON line at the end")
+    return p.parse_args(argv)
+
+
+def fill_recipe(args: argparse.Namespace) -> dict:
+    """Validate names and merge the command line over the data set's recipe."""
+    if args.dataset not in DATASETS:
+        raise CLIError(f"unknown --dataset {args.dataset!r}; choose one of: {', '.join(DATASETS)}")
+    if args.model not in MODELS[args.dataset]:
+        raise CLIError(f"unknown --model {args.model!r}; choose one of: {', '.join(MODELS[args.dataset])}")
+    cfg = dict(RECIPES[args.dataset], dataset=args.dataset, model=args.model, seed=args.seed)
+    for key in ("epochs", "lr", "batch_size", "weight_decay", "label_smoothing", "augment"):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
+    if args.dry_run and args.epochs is None:
+        cfg["epochs"] = 1
+    if cfg["epochs"] < 1 or cfg["lr"] <= 0 or cfg["batch_size"] < 1:
+        raise CLIError("--epochs and --batch-size must be >= 1 and --lr > 0")
+    return cfg
+
+
+def make_loaders(cfg: dict, args: argparse.Namespace, device: torch.device) -> tuple[Loader, Loader]:
+    if args.dry_run:
+        tr, te = synthetic_split(cfg["dataset"], 512, seed=1), synthetic_split(cfg["dataset"], 256, seed=2)
+        return (Loader(tr.images, tr.labels, cfg["dataset"], cfg["batch_size"], train=True,
+                       augment=cfg["augment"], device=device, seed=cfg["seed"]),
+                Loader(te.images, te.labels, cfg["dataset"], 256, device=device))
+    return get_loaders(cfg["dataset"], cfg["batch_size"], root=args.data_root, augment=cfg["augment"],
+                       device=device, seed=cfg["seed"])
+
+
+def make_optimizer(model: torch.nn.Module, cfg: dict, steps_per_epoch: int):
+    """SGD with Nesterov momentum (no weight decay on biases and BN) and a one-cycle schedule."""
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg["weight_decay"]},
+                           {"params": no_decay, "weight_decay": 0.0}],
+                          lr=cfg["lr"], momentum=cfg["momentum"], nesterov=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, one_cycle(cfg["epochs"] * steps_per_epoch))
+    return opt, sched
+
+
+def one_cycle(total_steps: int, warmup: float = 0.2):
+    """LR factor per step: linear warm-up from 0.1 to 1 over ``warmup`` of the steps, then linear decay to 0."""
+    up = max(1, int(warmup * total_steps))
+
+    def factor(step: int) -> float:
+        if step < up:
+            return 0.1 + 0.9 * step / up
+        return max(0.0, (total_steps - step) / max(1, total_steps - up))
+    return factor
+
+
+@one_line_errors
+def main() -> int:
+    args = parse_args()
+    cfg = fill_recipe(args)
+    device = resolve_device(args.device)
+    out = Path(args.out) if args.out else Path("ckpt") / f"{cfg['dataset']}_{cfg['model']}.pt"
+    set_seed(cfg["seed"])
+    model = build_model(cfg["model"], cfg["dataset"]).to(device).to(memory_format=torch.channels_last)
+
+    if args.eval_only:
+        ckpt = load_checkpoint(out, f"train it with: python train.py --dataset {cfg['dataset']} --model {cfg['model']}")
+        check_matches(ckpt, cfg, out)
+        model.load_state_dict(ckpt["model"])
+        _, test = make_loaders(cfg, args, device)
+        metrics = evaluate(model, test, device)
+        print(f"{out}: test acc {metrics['test_acc']:.2f}%  test loss {metrics['test_loss']:.4f}")
+        if args.json:
+            print(json.dumps({k: round(v, 4) for k, v in metrics.items()}))
+        return 0
+
+    train, test = make_loaders(cfg, args, device)
+    opt, sched = make_optimizer(model, cfg, len(train))
+    start, metrics = 0, {}
+    if args.resume:
+        ckpt = load_checkpoint(out, "run without --resume to start a new training")
+        check_matches(ckpt, cfg, out)
+        if {k: v for k, v in ckpt["config"].items() if k != "seed"} != {k: v for k, v in cfg.items() if k != "seed"}:
+            raise CLIError(f"{out} was trained with a different recipe {ckpt['config']}; pass the same flags to --resume")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        start, metrics = ckpt["epoch"], ckpt["metrics"]
+        print(f"resuming {out} after epoch {start}/{cfg['epochs']}")
+
+    print(f"training {cfg['dataset']}/{cfg['model']} on {device}: {cfg}")
+    for epoch in range(start, cfg["epochs"]):
+        if args.stop_after is not None and epoch - start >= args.stop_after:
+            print(f"stopping after {args.stop_after} epoch(s) as asked; continue with --resume")
+            break
+        train.set_epoch(epoch)
+        metrics = train_epoch(model, train, opt, sched, device, cfg["label_smoothing"],
+                              desc=f"epoch {epoch + 1}/{cfg['epochs']}")
+        metrics.update(evaluate(model, test, device))
+        metrics["epoch"] = epoch + 1
+        print(f"epoch {epoch + 1:3d}/{cfg['epochs']}  loss {metrics['train_loss']:.4f}  "
+              f"train acc {metrics['train_acc']:6.2f}%  test acc {metrics['test_acc']:6.2f}%  "
+              f"{metrics['seconds']:5.1f}s", flush=True)
+        if not args.dry_run or args.out:
+            save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                             "scheduler": sched.state_dict(), "config": cfg, "epoch": epoch + 1,
+                             "metrics": metrics, "versions": versions()}, out)
+    if args.json:
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
+    return 0
+
+
+def check_matches(ckpt: dict, cfg: dict, path: Path) -> None:
+    """A checkpoint of another data set or model is a user error, not a state-dict traceback."""
+    got = (ckpt.get("config", {}).get("dataset"), ckpt.get("config", {}).get("model"))
+    if got != (cfg["dataset"], cfg["model"]):
+        raise CLIError(f"{path} holds {got[0]}/{got[1]}, not {cfg['dataset']}/{cfg['model']}; "
+                       f"pick the matching --dataset/--model or another --out")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,49 @@
+"""Helpers for the thin CLI scripts: one-line errors, device choice, seeding."""
+from __future__ import annotations
+
+import functools
+import random
+import sys
+from typing import Callable
+
+import numpy as np
+import torch
+
+
+class CLIError(RuntimeError):
+    """A user-caused error; the scripts print it as one line and exit with status 2."""
+
+
+def one_line_errors(main: Callable[[], int | None]) -> Callable[[], int]:
+    """Run ``main``; print user errors (CLIError, DataError, ValueError from configs) as one line, exit 2."""
+    from data.errors import DataError
+
+    @functools.wraps(main)
+    def wrapper() -> int:
+        try:
+            return main() or 0
+        except (CLIError, DataError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted; rerun with --resume to continue from the last saved epoch", file=sys.stderr)
+            return 130
+    return wrapper
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda if available else cpu; 'cuda' without a GPU is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda given but no CUDA GPU is available; use --device cpu or auto")
+    if name not in ("cpu", "cuda"):
+        raise CLIError(f"unknown device {name!r}; use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def set_seed(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

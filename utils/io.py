@@ -1,0 +1,83 @@
+"""Atomic file writes and checkpoint I/O."""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to a temp file beside ``path``, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(obj: dict, path: str | Path) -> None:
+    """torch.save ``obj`` atomically (never leaves a half-written checkpoint)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: str | Path, hint: str) -> dict:
+    """Load a checkpoint dict; a missing or unreadable file raises ``CLIError`` with ``hint``."""
+    from utils.cli import CLIError
+    path = Path(path)
+    if not path.exists():
+        raise CLIError(f"checkpoint {path} not found; {hint}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CLIError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete it and {hint}") from e
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise CLIError(f"{path} is not a checkpoint of this project; {hint}")
+    return ckpt
+
+
+def append_csv_row(path: str | Path, row: dict[str, Any]) -> None:
+    """Append ``row`` to a CSV file atomically (rewrite to temp + rename), widening the header if needed."""
+    path = Path(path)
+    rows: list[dict[str, Any]] = []
+    fields: list[str] = []
+    if path.exists():
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            fields = list(reader.fieldnames or [])
+            rows = list(reader)
+    fields += [k for k in row if k not in fields]
+    rows.append(row)
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(path, out.getvalue().encode())
+
+
+def versions() -> dict[str, str]:
+    """torch / python versions and the git commit, for checkpoints and result rows."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                                text=True, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    return {"torch": torch.__version__, "python": platform.python_version(), "git_commit": commit}
