@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -16,14 +17,14 @@ import torch
 from data import DATASETS, Loader, get_loaders, synthetic_split
 from models import MODELS, build_model
 from utils.cli import CLIError, one_line_errors, resolve_device, set_seed
-from utils.io import load_checkpoint, save_checkpoint, versions
+from utils.io import append_csv_row, load_checkpoint, save_checkpoint, versions
 from utils.training import evaluate, train_epoch
 
 # The default recipe per data set (every value can be overridden on the command line).
 RECIPES = {
-    "fashion_mnist": dict(epochs=30, lr=0.05, batch_size=128, weight_decay=5e-4, momentum=0.9,
+    "fashion_mnist": dict(optimizer="sgd", epochs=30, lr=0.05, batch_size=128, weight_decay=5e-4, momentum=0.9,
                           label_smoothing=0.1, augment=""),
-    "cifar10": dict(epochs=30, lr=0.05, batch_size=128, weight_decay=5e-4, momentum=0.9,
+    "cifar10": dict(optimizer="sgd", epochs=30, lr=0.05, batch_size=128, weight_decay=5e-4, momentum=0.9,
                     label_smoothing=0.0, augment="crop4,flip"),
 }
 
@@ -32,6 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="fashion_mnist", help="fashion_mnist or cifar10 (default: %(default)s)")
     p.add_argument("--model", default="cnn", help="cnn or cnn_bn (default: %(default)s)")
+    p.add_argument("--optimizer", help="sgd (Nesterov momentum 0.9) or adamw (default: recipe, sgd)")
     p.add_argument("--epochs", type=int, help="epochs (default: the data set's recipe, 30)")
     p.add_argument("--lr", type=float, help="peak learning rate of the one-cycle schedule (default: recipe, 0.05)")
     p.add_argument("--batch-size", type=int, help="training batch size (default: recipe, 128)")
@@ -43,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
     p.add_argument("--data-root", default=None, help="data directory (default: $QDNN_DATA_ROOT, else datasets/)")
     p.add_argument("--out", default=None, help="checkpoint path (default: ckpt/<dataset>_<model>.pt)")
+    p.add_argument("--results", default="results/train.csv",
+                   help="CSV that a finished run appends its row to (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint at --out")
     p.add_argument("--eval-only", action="store_true", help="only evaluate the checkpoint at --out")
     p.add_argument("--dry-run", action="store_true", help="train on a small synthetic data set (1 epoch unless --epochs); "
@@ -60,11 +64,13 @@ def fill_recipe(args: argparse.Namespace) -> dict:
     if args.model not in MODELS[args.dataset]:
         raise CLIError(f"unknown --model {args.model!r}; choose one of: {', '.join(MODELS[args.dataset])}")
     cfg = dict(RECIPES[args.dataset], dataset=args.dataset, model=args.model, seed=args.seed)
-    for key in ("epochs", "lr", "batch_size", "weight_decay", "label_smoothing", "augment"):
+    for key in ("optimizer", "epochs", "lr", "batch_size", "weight_decay", "label_smoothing", "augment"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     if args.dry_run and args.epochs is None:
         cfg["epochs"] = 1
+    if cfg["optimizer"] not in ("sgd", "adamw"):
+        raise CLIError(f"unknown --optimizer {cfg['optimizer']!r}; use sgd or adamw")
     if cfg["epochs"] < 1 or cfg["lr"] <= 0 or cfg["batch_size"] < 1:
         raise CLIError("--epochs and --batch-size must be >= 1 and --lr > 0")
     return cfg
@@ -74,19 +80,21 @@ def make_loaders(cfg: dict, args: argparse.Namespace, device: torch.device) -> t
     if args.dry_run:
         tr, te = synthetic_split(cfg["dataset"], 512, seed=1), synthetic_split(cfg["dataset"], 256, seed=2)
         return (Loader(tr.images, tr.labels, cfg["dataset"], cfg["batch_size"], train=True,
-                       augment=cfg["augment"], device=device, seed=cfg["seed"]),
-                Loader(te.images, te.labels, cfg["dataset"], 256, device=device))
+                       augment=cfg["augment"], device=device, seed=cfg["seed"], source=tr.source),
+                Loader(te.images, te.labels, cfg["dataset"], 256, device=device, source=te.source))
     return get_loaders(cfg["dataset"], cfg["batch_size"], root=args.data_root, augment=cfg["augment"],
                        device=device, seed=cfg["seed"])
 
 
 def make_optimizer(model: torch.nn.Module, cfg: dict, steps_per_epoch: int):
-    """SGD with Nesterov momentum (no weight decay on biases and BN) and a one-cycle schedule."""
+    """SGD with Nesterov momentum, or AdamW (no weight decay on biases and BN), and a one-cycle schedule."""
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg["weight_decay"]},
-                           {"params": no_decay, "weight_decay": 0.0}],
-                          lr=cfg["lr"], momentum=cfg["momentum"], nesterov=True)
+    groups = [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.get("optimizer", "sgd") == "adamw":
+        opt = torch.optim.AdamW(groups, lr=cfg["lr"])
+    else:
+        opt = torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg["momentum"], nesterov=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, one_cycle(cfg["epochs"] * steps_per_epoch))
     return opt, sched
 
@@ -124,7 +132,7 @@ def main() -> int:
 
     train, test = make_loaders(cfg, args, device)
     opt, sched = make_optimizer(model, cfg, len(train))
-    start, metrics = 0, {}
+    start, metrics, t_start, ran = 0, {}, time.perf_counter(), False
     if args.resume:
         ckpt = load_checkpoint(out, "run without --resume to start a new training")
         check_matches(ckpt, cfg, out)
@@ -145,7 +153,7 @@ def main() -> int:
         metrics = train_epoch(model, train, opt, sched, device, cfg["label_smoothing"],
                               desc=f"epoch {epoch + 1}/{cfg['epochs']}")
         metrics.update(evaluate(model, test, device))
-        metrics["epoch"] = epoch + 1
+        metrics["epoch"], ran = epoch + 1, True
         print(f"epoch {epoch + 1:3d}/{cfg['epochs']}  loss {metrics['train_loss']:.4f}  "
               f"train acc {metrics['train_acc']:6.2f}%  test acc {metrics['test_acc']:6.2f}%  "
               f"{metrics['seconds']:5.1f}s", flush=True)
@@ -153,6 +161,13 @@ def main() -> int:
             save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(),
                              "scheduler": sched.state_dict(), "config": cfg, "epoch": epoch + 1,
                              "metrics": metrics, "versions": versions()}, out)
+    finished = metrics.get("epoch") == cfg["epochs"]
+    if finished and not args.dry_run and ran:
+        append_csv_row(args.results, {**cfg, "test_acc": round(metrics["test_acc"], 2),
+                                      "train_acc": round(metrics["train_acc"], 2),
+                                      "run_seconds": round(time.perf_counter() - t_start, 1),
+                                      "checkpoint": str(out), "data_source": test.source, "device": str(device),
+                                      **versions()})
     if args.json:
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
     return 0

@@ -24,8 +24,9 @@ def get_loaders(dataset: str, batch_size: int, root: str | Path | None = None, a
     train = load_split(dataset, "train", root, verbose)
     test = load_split(dataset, "test", root, verbose)
     aug = DEFAULT_AUGMENT[dataset] if augment is None else augment
-    return (Loader(train.images, train.labels, dataset, batch_size, train=True, augment=aug, device=device, seed=seed),
-            Loader(test.images, test.labels, dataset, eval_batch_size, device=device))
+    return (Loader(train.images, train.labels, dataset, batch_size, train=True, augment=aug, device=device, seed=seed,
+                   source=train.source),
+            Loader(test.images, test.labels, dataset, eval_batch_size, device=device, source=test.source))
 
 
 def synthetic_split(dataset: str, n: int, seed: int = 0) -> Split:

@@ -51,7 +51,7 @@ class Loader:
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, dataset: str, batch_size: int,
                  train: bool = False, augment: str = "", device: str | torch.device = "cpu",
-                 seed: int = 0, drop_last: bool | None = None):
+                 seed: int = 0, drop_last: bool | None = None, source: str = "unknown"):
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
         self.device = torch.device(device)
@@ -60,6 +60,7 @@ class Loader:
         self.batch_size, self.train, self.seed, self.epoch = batch_size, train, seed, 0
         self.drop_last = train if drop_last is None else drop_last
         self.ops = parse_augment(augment) if train else []
+        self.source = source  # where the images came from, e.g. "debian", "jpeg-copy", "synthetic"
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -1,0 +1,126 @@
+"""Post-training quantization of a shipped float checkpoint, evaluated three ways.
+
+    python PTQ.py --dataset fashion_mnist --model cnn --bits 8
+    python PTQ.py --dataset cifar10 --model cnn_bn --bits 4 --observer ema --calib-batches 64 --json
+
+Loads ckpt/<dataset>_<model>.pt, quantizes every tensor (input, weights, activations) at B bits with
+quant.quantize, calibrates the activation ranges on training batches, converts to the integer-only
+engine, and evaluates on the test set: float, fake-quant and integer accuracy, and the share of test
+images where fake-quant and integer argmax agree. Appends one row to results/ptq.csv and saves the
+integer model to results/ckpt/ptq_<dataset>_<model>_<tag>.pt.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import quant
+from data import DATASETS, Loader, load_split, synthetic_split
+from models import MODELS, build_model
+from utils.cli import CLIError, one_line_errors, resolve_device, set_seed
+from utils.io import append_csv_row, load_checkpoint, versions
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="fashion_mnist", help="fashion_mnist or cifar10 (default: %(default)s)")
+    p.add_argument("--model", default="cnn", help="cnn or cnn_bn (default: %(default)s)")
+    p.add_argument("--bits", type=int, default=8, help="bits of every weight and activation, 2..8 (default: %(default)s)")
+    p.add_argument("--per-tensor", action="store_true", help="one scale per conv weight tensor (default: per channel)")
+    p.add_argument("--observer", default="minmax", help="activation observer: minmax or ema (default: %(default)s)")
+    p.add_argument("--calib-batches", type=int, default=32, help="training batches for calibration (default: %(default)s)")
+    p.add_argument("--calib-batch-size", type=int, default=256, help="images per calibration batch (default: %(default)s)")
+    p.add_argument("--rounding", default="ref", help="integer requantization: ref, builtin or xnnpack (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration batch order (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+    p.add_argument("--data-root", default=None, help="data directory (default: $QDNN_DATA_ROOT, else datasets/)")
+    p.add_argument("--ckpt", default=None, help="float checkpoint (default: ckpt/<dataset>_<model>.pt)")
+    p.add_argument("--out", default=None, help="integer model checkpoint (default: results/ckpt/ptq_<dataset>_<model>_<tag>.pt)")
+    p.add_argument("--results", default="results/ptq.csv", help="CSV to append the row to (default: %(default)s)")
+    p.add_argument("--dry-run", action="store_true", help="random weights and synthetic data; writes nothing "
+                                                          "unless --out/--results are given")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
+    return p.parse_args(argv)
+
+
+def load_float_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
+    """The float model with the shipped weights (or random ones with --dry-run) and its checkpoint path."""
+    if args.dataset not in DATASETS:
+        raise CLIError(f"unknown --dataset {args.dataset!r}; choose one of: {', '.join(DATASETS)}")
+    if args.model not in MODELS[args.dataset]:
+        raise CLIError(f"unknown --model {args.model!r}; choose one of: {', '.join(MODELS[args.dataset])}")
+    model = build_model(args.model, args.dataset)
+    if args.dry_run:
+        return model.eval(), "random-init"
+    path = Path(args.ckpt or f"ckpt/{args.dataset}_{args.model}.pt")
+    make = f"make it with: python train.py --dataset {args.dataset} --model {args.model}"
+    ckpt = load_checkpoint(path, make)
+    got = (ckpt.get("config", {}).get("dataset"), ckpt.get("config", {}).get("model"))
+    if got != (args.dataset, args.model):
+        raise CLIError(f"{path} holds {got[0]}/{got[1]}, not {args.dataset}/{args.model}; pass the right --ckpt or {make}")
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), str(path)
+
+
+def make_data(args: argparse.Namespace, device: torch.device) -> tuple[Loader, Loader]:
+    """(calibration loader: shuffled training images, no augmentation; test loader)."""
+    if args.dry_run:
+        train, test = synthetic_split(args.dataset, 512, seed=1), synthetic_split(args.dataset, 256, seed=2)
+    else:
+        train, test = load_split(args.dataset, "train", args.data_root), load_split(args.dataset, "test", args.data_root)
+    calib = Loader(train.images, train.labels, args.dataset, args.calib_batch_size, train=True, augment="",
+                   device=device, seed=args.seed, source=train.source)
+    return calib, Loader(test.images, test.labels, args.dataset, 1000, device=device, source=test.source)
+
+
+def print_table(row: dict) -> None:
+    print(f"\n{row['dataset']}/{row['model']}  {row['tag']}  observer {row['observer']}  "
+          f"calibration {row['calib_batches']}x{row['calib_batch_size']}  rounding {row['rounding']}")
+    print(f"{'float acc':>10} {'fake-quant':>11} {'integer':>9} {'agreement':>10} {'seconds':>8}")
+    print(f"{row['float_acc']:>9.2f}% {row['fq_acc']:>10.2f}% {row['int_acc']:>8.2f}% "
+          f"{row['agreement']:>9.2f}% {row['seconds']:>8.1f}")
+
+
+@one_line_errors
+def main() -> int:
+    args = parse_args()
+    t0 = time.perf_counter()
+    cfg = quant.QuantConfig(weight_bits=args.bits, act_bits=args.bits, per_channel=not args.per_tensor,
+                            observer=args.observer, calib_batches=args.calib_batches, rounding=args.rounding)
+    device = resolve_device(args.device)
+    set_seed(args.seed)
+    model, ckpt_path = load_float_model(args)
+    model = model.to(device)
+    calib, test = make_data(args, device)
+
+    qmodel = quant.quantize(model, cfg)
+    quant.calibrate(qmodel, calib, num_batches=cfg.calib_batches, progress=True)
+    imodel = quant.convert(qmodel)
+    res = quant.compare(test, {"float": model, "fq": qmodel, "int": imodel}, agree=("fq", "int"), progress=True)
+
+    row = {"dataset": args.dataset, "model": args.model, "bits": args.bits, **cfg.to_dict(), "tag": cfg.tag,
+           "calib_batch_size": args.calib_batch_size, "seed": args.seed,
+           "float_acc": round(res["float_acc"], 2), "fq_acc": round(res["fq_acc"], 2),
+           "int_acc": round(res["int_acc"], 2), "agreement": round(res["agreement"], 3),
+           "int_seconds": round(res["int_seconds"], 2), "float_seconds": round(res["float_seconds"], 2),
+           "seconds": round(time.perf_counter() - t0, 1), "data_source": test.source, "float_ckpt": ckpt_path,
+           "device": str(device), **versions()}
+    print_table(row)
+    if not args.dry_run or args.out:
+        out = Path(args.out or f"results/ckpt/ptq_{args.dataset}_{args.model}_{cfg.tag}.pt")
+        quant.save_integer(out, imodel, meta={"dataset": args.dataset, "model": args.model, "method": "ptq",
+                                              "metrics": {k: row[k] for k in ("float_acc", "fq_acc", "int_acc")}})
+        row["int_ckpt"] = str(out)
+    if not args.dry_run or "--results" in __import__("sys").argv:
+        append_csv_row(args.results, row)
+    if args.json:
+        print(json.dumps(row))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,361 @@
+"""Fake-quantized layers for calibration (PTQ) and training (QAT).
+
+Every layer keeps float "shadow" parameters under the float model's key names (``weight``, ``bias``,
+and ``bn.*`` for a fused BatchNorm); quantization produces new tensors and never overwrites them.
+
+Data flow of one weighted layer (``QConv2d``, ``QLinear`` and their fused variants)::
+
+    x (on the input grid) -> conv/linear with fake-quantized weight and int32-grid bias
+      -> [ReLU] -> act_quant (observer + fake quantization at act_bits) -> output
+
+* weights: symmetric, narrow [-(2^(b-1)-1), 2^(b-1)-1], zero point 0, per output channel for conv
+  (``cfg.per_channel``), per tensor for fully connected; qparams from the current weights.
+* bias: int32 grid with scale input_scale * weight_scale[c] (float32 product), zero point 0, so the
+  fake-quant and the integer engine compute the same thing.
+* activations: asymmetric, signed [-2^(b-1), 2^(b-1)-1]; a fused ReLU means the observer sees the
+  post-ReLU tensor (and the integer engine clamps at the output zero point).
+* the first layer in execution order also owns ``input_quant``, quantizing the normalised input once.
+
+``FakeQuantize.enabled = False`` makes a quantizer the identity; ``observer.frozen = True`` fixes its
+range. Each layer knows the quantizer feeding it (``input_fq``, a reference, not a submodule) to get
+its input scale.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from quant.config import QuantConfig
+from quant.errors import QuantError
+from quant.fixed_point import INT32_MAX, INT32_MIN
+from quant.fold import fold_bn_params
+from quant.observers import MinMaxObserver, Observer, build_observer
+from quant.qparams import QParams, dequantize, fake_quantize, quantize, round_half_away
+
+
+class FakeQuantize(nn.Module):
+    """Observer + fake quantization. ``enabled=False``: identity (the observer may still record).
+
+    dynamic: the observer is reset before each recording, so qparams follow the current tensor
+    (used for weights, which change during QAT).
+    """
+
+    def __init__(self, observer: Observer, dynamic: bool = False) -> None:
+        super().__init__()
+        self.observer = observer
+        self.dynamic = dynamic
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.observer.frozen:
+            if self.dynamic:
+                self.observer.reset()
+            self.observer(x)
+        if not self.enabled:
+            return x
+        return fake_quantize(x, self.qparams())
+
+    def qparams(self) -> QParams:
+        """The current QParams (raises ``QuantError`` if nothing was observed yet)."""
+        return self.observer.calculate_qparams()
+
+    def get_extra_state(self) -> Any:
+        return {"enabled": self.enabled}
+
+    def set_extra_state(self, state: Any) -> None:
+        self.enabled = bool(state["enabled"])
+
+    def extra_repr(self) -> str:
+        return f"enabled={self.enabled}, dynamic={self.dynamic}"
+
+
+def act_quantizer(cfg: QuantConfig) -> FakeQuantize:
+    """Activation quantizer: asymmetric signed act_bits, observer ``cfg.observer``."""
+    return FakeQuantize(build_observer(cfg.observer, cfg.act_bits, symmetric=False, narrow=False,
+                                       momentum=cfg.ema_momentum))
+
+
+def weight_quantizer(cfg: QuantConfig, per_channel: bool) -> FakeQuantize:
+    """Weight quantizer: symmetric narrow weight_bits from the current weights (per channel on dim 0)."""
+    return FakeQuantize(MinMaxObserver(cfg.weight_bits, symmetric=True, narrow=True,
+                                       axis=0 if per_channel else None), dynamic=True)
+
+
+def quantize_bias(bias: torch.Tensor, s_in: torch.Tensor, s_w: torch.Tensor, check: bool = False) -> torch.Tensor:
+    """int32-grid bias: round_half_away(b / (s_in * s_w)) with the bias scale a float32 product.
+
+    Returns the integer values as float64. ``check=True`` raises ``QuantError`` when a value does
+    not fit in int32; otherwise they are clamped (the fake-quant path during training).
+    """
+    bs = (s_in.float() * s_w.float()).double()
+    q = round_half_away(bias.detach().double() / bs)
+    if check and (q.abs() > INT32_MAX).any():
+        c = int((q.abs() > INT32_MAX).nonzero()[0, 0]) if q.dim() else 0
+        raise QuantError(f"int32 bias overflow in channel {c} (bias {float(bias.reshape(-1)[c]):.4g} / scale "
+                         f"{float(bs.reshape(-1)[c]):.3g}); the weight or input scale is degenerate, use more "
+                         f"calibration data or more bits")
+    return q.clamp(INT32_MIN, INT32_MAX)
+
+
+def fake_quantize_bias(bias: torch.Tensor, s_in: torch.Tensor, s_w: torch.Tensor) -> torch.Tensor:
+    """Bias on the int32 grid of scale s_in * s_w[c], straight-through gradient."""
+    bs = (s_in.float() * s_w.float()).double()
+    fq = (quantize_bias(bias, s_in, s_w) * bs).to(bias.dtype)
+    return bias + (fq - bias).detach()
+
+
+class QModule(nn.Module):
+    """Base of the fake-quant layers: optional ``input_quant`` and a reference to the input quantizer."""
+
+    #: float module types this class replaces, in pattern order (used by ``quant.transforms``)
+    pattern: tuple[type[nn.Module], ...] = ()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_module("input_quant", None)
+        object.__setattr__(self, "input_fq", None)  # not a submodule: it belongs to the previous layer
+
+    def attach_input(self, fq: FakeQuantize | None) -> None:
+        """Record the quantizer whose output feeds this layer (for the bias scale and conversion)."""
+        object.__setattr__(self, "input_fq", fq)
+
+    def input_qparams(self) -> QParams:
+        if self.input_fq is None:
+            raise QuantError(f"{type(self).__name__} has no input quantizer; build the model with quant.quantize")
+        return self.input_fq.qparams()
+
+    def _quant_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.input_quant is None else self.input_quant(x)
+
+
+class _QWeighted(QModule):
+    """Shared code of conv and linear: float shadow weights, weight/bias/output quantization."""
+
+    act_quant: FakeQuantize
+    weight_quant: FakeQuantize
+    relu: bool
+
+    def float_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The float (weight, bias) that get quantized; fused BN overrides this with folding."""
+        return self.weight, self.bias
+
+    def _op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _bias_quant_ready(self) -> bool:
+        fq = self.input_fq
+        return (self.weight_quant.enabled and fq is not None and fq.enabled and fq.observer.initialized)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._quant_input(x)
+        w, b = self.float_weight_bias()
+        wq = self.weight_quant(w)
+        if b is not None and self._bias_quant_ready():
+            b = fake_quantize_bias(b, self.input_qparams().scale, self.weight_quant.qparams().scale)
+        y = self._op(x, wq, b)
+        if self.relu:
+            y = F.relu(y)
+        if not self.training and self.requant != "float" and self._frozen():
+            return self._runtime_output(x)
+        return self.act_quant(y)
+
+    #: how the eval-mode output is rounded onto the output grid: 'float' (round(y / s_out), the usual
+    #: fake quantization) or a runtime rounding ('ref', 'builtin', 'xnnpack'), set by ``quantize``
+    requant = "float"
+
+    def _frozen(self) -> bool:
+        """All three quantizers (input, weight, output) are on and the activation ranges are fixed."""
+        fq = self.input_fq
+        return (self.act_quant.enabled and self.weight_quant.enabled and self.act_quant.observer.frozen
+                and fq is not None and fq.enabled and fq.observer.frozen and fq.observer.initialized)
+
+    @torch.no_grad()
+    def _runtime_output(self, x: torch.Tensor) -> torch.Tensor:
+        """Eval-mode output of a frozen layer as the target runtime computes it, dequantized.
+
+        The input is on its grid, so q_in = quantize(x) is exact; the accumulator is formed exactly and
+        requantized with the runtime's fixed-point multiplier (``self.requant`` rounding). TFLite's
+        reference and ruy kernels round twice (SaturatingRoundingDoublingHighMul, then a rounding shift);
+        rounding once, round(y / s_out), differs by one step near ties and, at 4 bits, changes 1 in 7
+        CIFAR-10 argmaxes. Simulating the runtime's rounding keeps fake quantization equal to it.
+        """
+        from quant.integer import find_converter  # quant.integer imports this module
+        in_qp = self.input_qparams()
+        layer, out_qp = find_converter(self)(self, in_qp, "bits")
+        layer.rounding = self.requant
+        return dequantize(layer(quantize(x, in_qp)), out_qp).to(x.dtype)
+
+    @torch.no_grad()
+    def integer_params(self) -> dict[str, Any]:
+        """Integer weights and qparams of this layer: what the integer engine and the exporter use.
+
+        Returns {'weight': int8 tensor, 'w_qp', 'bias': int32 tensor (zeros if no bias), 'in_qp',
+        'out_qp', 'relu'}. Raises ``QuantError`` on int32 bias overflow.
+        """
+        w, b = self.float_weight_bias()
+        obs = self.weight_quant.observer
+        if not obs.frozen or not obs.initialized:
+            obs.reset()
+            obs(w)
+        w_qp = self.weight_quant.qparams()
+        in_qp = self.input_qparams()
+        w_int = quantize(w.detach(), w_qp).to(torch.int8)
+        if b is None:
+            b = torch.zeros(w.shape[0])
+        b_int = quantize_bias(b, in_qp.scale, w_qp.scale, check=True).to(torch.int32)
+        return {"weight": w_int, "w_qp": w_qp, "bias": b_int, "in_qp": in_qp,
+                "out_qp": self.act_quant.qparams(), "relu": self.relu}
+
+
+class QConv2d(_QWeighted):
+    """Fake-quant Conv2d (``relu=True``: Conv2d + ReLU fused)."""
+
+    pattern = (nn.Conv2d,)
+
+    def __init__(self, conv: nn.Conv2d, cfg: QuantConfig, relu: bool = False) -> None:
+        super().__init__()
+        if conv.padding_mode != "zeros":
+            raise QuantError(f"Conv2d with padding_mode={conv.padding_mode!r} is unsupported; use 'zeros'")
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
+        self.dilation, self.groups = conv.dilation, conv.groups
+        self.weight = nn.Parameter(conv.weight.detach().clone())
+        self.bias = nn.Parameter(conv.bias.detach().clone()) if conv.bias is not None else None
+        self.relu = relu
+        self.weight_quant = weight_quantizer(cfg, cfg.per_channel)
+        self.act_quant = act_quantizer(cfg)
+
+    @classmethod
+    def from_float(cls, mods: Sequence[nn.Module], cfg: QuantConfig) -> "QConv2d":
+        """From ``[Conv2d]`` or ``[Conv2d, ReLU]``."""
+        return cls(mods[0], cfg, relu=any(isinstance(m, nn.ReLU) for m in mods))
+
+    def _op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, relu={self.relu}")
+
+
+class QConvReLU(QConv2d):
+    """Conv2d + ReLU fused."""
+
+    pattern = (nn.Conv2d, nn.ReLU)
+
+
+class QConvBNReLU(QConv2d):
+    """Conv2d + BatchNorm2d (+ ReLU) fused; BN folded into the conv with ``fold_bn_params``.
+
+    Keys: the conv's ``weight``/``bias`` and the BN under ``bn.*``. Here (eval, PTQ) the BN is
+    folded with its running statistics; ``float_weight_bias`` is the hook where QAT adds folding
+    with batch statistics, the Jacob/Krishnamoorthi correction and BN freezing.
+    """
+
+    pattern = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU)
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, cfg: QuantConfig, relu: bool = True) -> None:
+        super().__init__(conv, cfg, relu=relu)
+        if bn.running_mean is None or bn.running_var is None:
+            raise QuantError("cannot fold a BatchNorm2d without running statistics (track_running_stats=False)")
+        if bn.num_features != conv.out_channels:
+            raise QuantError(f"BatchNorm2d has {bn.num_features} features but the conv before it has "
+                             f"{conv.out_channels} output channels")
+        self.bn = nn.BatchNorm2d(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine)
+        self.bn.load_state_dict(bn.state_dict())
+        self.bn.eval()
+
+    @classmethod
+    def from_float(cls, mods: Sequence[nn.Module], cfg: QuantConfig) -> "QConvBNReLU":
+        """From ``[Conv2d, BatchNorm2d]`` or ``[Conv2d, BatchNorm2d, ReLU]``."""
+        return cls(mods[0], mods[1], cfg, relu=any(isinstance(m, nn.ReLU) for m in mods))
+
+    def float_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        bn = self.bn
+        return fold_bn_params(self.weight, self.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+
+
+class QConvBN(QConvBNReLU):
+    """Conv2d + BatchNorm2d fused (no ReLU)."""
+
+    pattern = (nn.Conv2d, nn.BatchNorm2d)
+
+
+class QLinear(_QWeighted):
+    """Fake-quant Linear (``relu=True``: Linear + ReLU fused). Weights always per tensor (TFLite FC)."""
+
+    pattern = (nn.Linear,)
+
+    def __init__(self, linear: nn.Linear, cfg: QuantConfig, relu: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = nn.Parameter(linear.weight.detach().clone())
+        self.bias = nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
+        self.relu = relu
+        self.weight_quant = weight_quantizer(cfg, per_channel=False)
+        self.act_quant = act_quantizer(cfg)
+
+    @classmethod
+    def from_float(cls, mods: Sequence[nn.Module], cfg: QuantConfig) -> "QLinear":
+        """From ``[Linear]`` or ``[Linear, ReLU]``."""
+        return cls(mods[0], cfg, relu=any(isinstance(m, nn.ReLU) for m in mods))
+
+    def _op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, w, b)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, relu={self.relu}"
+
+
+class QLinearReLU(QLinear):
+    """Linear + ReLU fused."""
+
+    pattern = (nn.Linear, nn.ReLU)
+
+
+class QReLU(QModule):
+    """A ReLU not fused into a layer: max(x, 0) keeps values on the input's grid (zero is exact)."""
+
+    pattern = (nn.ReLU,)
+
+    @classmethod
+    def from_float(cls, mods: Sequence[nn.Module], cfg: QuantConfig) -> "QReLU":
+        return cls()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self._quant_input(x))
+
+
+class QMaxPool2d(QModule):
+    """MaxPool2d: keeps the input's scale and zero point (max commutes with quantization)."""
+
+    pattern = (nn.MaxPool2d,)
+
+    def __init__(self, pool: nn.MaxPool2d) -> None:
+        super().__init__()
+        if pool.return_indices:
+            raise QuantError("MaxPool2d(return_indices=True) is unsupported")
+        self.kernel_size, self.stride, self.padding = pool.kernel_size, pool.stride, pool.padding
+        self.dilation, self.ceil_mode = pool.dilation, pool.ceil_mode
+
+    @classmethod
+    def from_float(cls, mods: Sequence[nn.Module], cfg: QuantConfig) -> "QMaxPool2d":
+        return cls(mods[0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d(self._quant_input(x), self.kernel_size, self.stride, self.padding, self.dilation,
+                            self.ceil_mode)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+
+
+#: fusion patterns, longest first; ``quant.transforms.quantize`` swaps each match for the class
+QUANT_PATTERNS: list[type[QModule]] = [QConvBNReLU, QConvBN, QConvReLU, QLinearReLU, QConv2d, QLinear, QReLU,
+                                       QMaxPool2d]
+
+#: float modules that pass through unchanged (no quantization needed: they commute with it)
+PASS_THROUGH: tuple[type[nn.Module], ...] = (nn.Flatten, nn.Identity, nn.Dropout)

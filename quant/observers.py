@@ -1,0 +1,126 @@
+"""Observers: ``forward(x)`` records a range, ``calculate_qparams()`` turns it into QParams.
+
+Registry by name (``OBSERVERS``); ``build_observer(name, ...)`` makes one. A frozen observer
+(``observer.frozen = True``) passes tensors through without recording, so its qparams stay fixed.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from quant.errors import QuantError
+from quant.qparams import QParams, choose_qparams
+
+OBSERVERS: dict[str, type["Observer"]] = {}
+
+
+def register_observer(name: str) -> Callable[[type["Observer"]], type["Observer"]]:
+    """Class decorator adding an observer to ``OBSERVERS`` under ``name``."""
+    def deco(cls: type["Observer"]) -> type["Observer"]:
+        OBSERVERS[name] = cls
+        cls.name = name
+        return cls
+    return deco
+
+
+class Observer(nn.Module):
+    """Base: holds ``min_val``/``max_val`` buffers (scalars, or (C,) per channel along ``axis``).
+
+    bits, symmetric, narrow: passed to ``choose_qparams``.
+    """
+
+    name = "base"
+
+    def __init__(self, bits: int, symmetric: bool = False, narrow: bool = False, axis: int | None = None,
+                 momentum: float = 0.9) -> None:
+        super().__init__()
+        self.bits, self.symmetric, self.narrow, self.axis = bits, symmetric, narrow, axis
+        self.momentum = momentum
+        self.frozen = False
+        self.register_buffer("min_val", torch.empty(0))
+        self.register_buffer("max_val", torch.empty(0))
+
+    @property
+    def initialized(self) -> bool:
+        return self.min_val.numel() > 0
+
+    def reset(self) -> None:
+        """Forget the recorded range."""
+        self.min_val = torch.empty(0, device=self.min_val.device)
+        self.max_val = torch.empty(0, device=self.max_val.device)
+
+    def _batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.detach().float()
+        if self.axis is None:
+            return torch.aminmax(x)
+        x = x.transpose(0, self.axis).reshape(x.shape[self.axis], -1)
+        return torch.aminmax(x, dim=1)
+
+    def _update(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.frozen:
+            if x.numel() == 0:
+                return x
+            lo, hi = self._batch_range(x)
+            if not self.initialized:
+                self.min_val, self.max_val = lo.clone(), hi.clone()
+            else:
+                self._update(lo, hi)
+        return x
+
+    def calculate_qparams(self) -> QParams:
+        """QParams of the recorded range (see ``choose_qparams``)."""
+        if not self.initialized:
+            raise QuantError("an observer has seen no data; calibrate the model (quant.calibrate or "
+                             "quant.calibration_mode) before evaluating or converting it")
+        return choose_qparams(self.min_val, self.max_val, self.bits, self.symmetric, self.narrow, self.axis)
+
+    def get_extra_state(self) -> Any:
+        return {"frozen": self.frozen}
+
+    def set_extra_state(self, state: Any) -> None:
+        self.frozen = bool(state["frozen"])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        for name in ("min_val", "max_val"):  # the buffers' shape is only known once data was seen
+            if prefix + name in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, symmetric={self.symmetric}, narrow={self.narrow}, axis={self.axis}, " \
+               f"frozen={self.frozen}"
+
+
+@register_observer("minmax")
+class MinMaxObserver(Observer):
+    """Running min / max over every batch seen."""
+
+    def _update(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        self.min_val = torch.minimum(self.min_val, lo)
+        self.max_val = torch.maximum(self.max_val, hi)
+
+
+@register_observer("ema")
+class EMAObserver(Observer):
+    """Moving-average min / max: running = momentum * running + (1 - momentum) * batch.
+
+    The first batch initialises the running values.
+    """
+
+    def _update(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        m = self.momentum
+        self.min_val = m * self.min_val + (1 - m) * lo
+        self.max_val = m * self.max_val + (1 - m) * hi
+
+
+def build_observer(name: str, bits: int, symmetric: bool = False, narrow: bool = False, axis: int | None = None,
+                   momentum: float = 0.9) -> Observer:
+    """Make the observer registered as ``name``."""
+    if name not in OBSERVERS:
+        raise QuantError(f"unknown observer {name!r}; choose one of: {', '.join(OBSERVERS)}")
+    return OBSERVERS[name](bits, symmetric=symmetric, narrow=narrow, axis=axis, momentum=momentum)

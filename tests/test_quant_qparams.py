@@ -1,0 +1,139 @@
+"""quant.config, quant.qparams, quant.observers: pure math and settings."""
+import pytest
+import torch
+
+from quant import QuantConfig, QuantError
+from quant.observers import OBSERVERS, EMAObserver, MinMaxObserver, build_observer
+from quant.qparams import QParams, choose_qparams, dequantize, fake_quantize, qrange, quantize, round_half_away
+
+BITS = list(range(2, 9))
+
+
+def test_round_half_away_from_zero():
+    x = torch.tensor([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 0.49999997, -0.49999997, 2.4, -2.6])
+    assert round_half_away(x).tolist() == [-3, -2, -1, 1, 2, 3, 0, 0, 2, -3]
+    assert torch.round(torch.tensor([0.5, 2.5])).tolist() == [0, 2]  # why torch.round is banned
+
+
+@pytest.mark.parametrize("bits", BITS, ids=lambda b: f"b{b}")
+def test_ranges(bits):
+    assert qrange(bits, True, True) == (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1)
+    assert qrange(bits, False, False) == (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+
+
+@pytest.mark.parametrize("bits", BITS, ids=lambda b: f"b{b}")
+@pytest.mark.parametrize("symmetric", [True, False], ids=["weight", "act"])
+def test_on_grid_roundtrip_and_range(bits, symmetric):
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(1000, generator=g) * 3 + 1
+    qp = choose_qparams(x.min(), x.max(), bits, symmetric=symmetric, narrow=symmetric)
+    assert qp.scale.dtype == torch.float32 and qp.scale > 0
+    q = quantize(x, qp)
+    assert q.min() >= qp.qmin and q.max() <= qp.qmax
+    on_grid = dequantize(q, qp)
+    assert torch.equal(quantize(on_grid, qp), q)                     # on-grid values come back unchanged
+    assert torch.equal(fake_quantize(on_grid, qp), on_grid)
+    assert torch.equal(fake_quantize(x, qp), on_grid)
+    big = torch.tensor([-1e6, 1e6])
+    assert quantize(big, qp).tolist() == [qp.qmin, qp.qmax]          # saturates, never wraps
+    zero = quantize(torch.zeros(1), qp)                              # zero is exact
+    assert dequantize(zero, qp).item() == 0.0
+    if symmetric:
+        assert int(qp.zero_point) == 0
+
+
+@pytest.mark.parametrize("lo,hi", [(0.0, 0.0), (3.0, 3.0), (-2.0, -2.0), (1e-30, 1e-30)],
+                         ids=["zeros", "pos_const", "neg_const", "tiny"])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["weight", "act"])
+def test_constant_tensors(lo, hi, symmetric):
+    x = torch.full((10,), lo)
+    qp = choose_qparams(x.min(), x.max(), 8, symmetric=symmetric, narrow=symmetric)
+    assert torch.isfinite(qp.scale).all() and qp.scale > 0
+    y = fake_quantize(x, qp)
+    assert torch.isfinite(y).all()
+    assert torch.allclose(y, x, atol=float(qp.scale))
+    assert qp.qmin <= int(qp.zero_point) <= qp.qmax
+
+
+def test_range_widened_to_zero():
+    qp = choose_qparams(torch.tensor(2.0), torch.tensor(5.0), 8, symmetric=False, narrow=False)
+    assert int(qp.zero_point) == -128 and qp.scale.item() == pytest.approx(5 / 255)
+
+
+def test_nonfinite_range_is_an_error():
+    with pytest.raises(QuantError):
+        choose_qparams(torch.tensor(float("nan")), torch.tensor(1.0), 8, False, False)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8], ids=lambda b: f"b{b}")
+def test_ste_gradient(bits):
+    qp = choose_qparams(torch.tensor(-1.0), torch.tensor(1.0), bits, symmetric=False, narrow=False)
+    x = torch.tensor([-5.0, -0.3, 0.0, 0.7, 5.0], requires_grad=True)
+    fake_quantize(x, qp).sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("bits", BITS, ids=lambda b: f"w{b}-per_channel")
+def test_per_channel(bits):
+    w = torch.randn(6, 3, 3, 3, generator=torch.Generator().manual_seed(0)) * torch.arange(1, 7).reshape(-1, 1, 1, 1)
+    obs = MinMaxObserver(bits, symmetric=True, narrow=True, axis=0)
+    obs(w)
+    qp = obs.calculate_qparams()
+    assert qp.scale.shape == (6,) and qp.axis == 0
+    amax = w.abs().reshape(6, -1).amax(1)
+    assert torch.allclose(qp.scale, amax / (2 ** (bits - 1) - 1))
+    q = quantize(w, qp)
+    assert (q.reshape(6, -1).abs().amax(1) == 2 ** (bits - 1) - 1).all()  # every channel uses its full range
+    assert torch.equal(fake_quantize(dequantize(q, qp), qp), dequantize(q, qp))
+
+
+def test_observers():
+    a, b = torch.tensor([-1.0, 2.0]), torch.tensor([-3.0, 1.0])
+    mm = build_observer("minmax", 8)
+    mm(a), mm(b)
+    assert (mm.min_val.item(), mm.max_val.item()) == (-3.0, 2.0)
+    ema = build_observer("ema", 8, momentum=0.75)
+    assert isinstance(ema, EMAObserver) and set(OBSERVERS) >= {"minmax", "ema"}
+    ema(a), ema(b)
+    assert ema.min_val.item() == pytest.approx(0.75 * -1 + 0.25 * -3)
+    assert ema.max_val.item() == pytest.approx(0.75 * 2 + 0.25 * 1)
+    ema.frozen = True
+    ema(torch.tensor([-100.0, 100.0]))
+    assert ema.max_val.item() == pytest.approx(1.75)
+    with pytest.raises(QuantError, match="calibrate"):
+        build_observer("minmax", 8).calculate_qparams()
+
+
+def test_observer_state_dict_roundtrip():
+    obs = MinMaxObserver(8, symmetric=True, narrow=True, axis=0)
+    obs(torch.randn(4, 5))
+    obs.frozen = True
+    fresh = MinMaxObserver(8, symmetric=True, narrow=True, axis=0)
+    fresh.load_state_dict(obs.state_dict())
+    assert torch.equal(fresh.min_val, obs.min_val) and fresh.frozen
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"weight_bits": 9}, "weight_bits"), ({"act_bits": 1}, "act_bits"), ({"weight_bits": 4.0}, "weight_bits"),
+    ({"observer": "percentile9"}, "observer"), ({"ema_momentum": 1.0}, "ema_momentum"),
+    ({"calib_batches": 0}, "calib_batches"), ({"rounding": "tflite"}, "rounding"),
+    ({"per_channel": "yes"}, "per_channel"),
+])
+def test_config_validation(kwargs, match):
+    with pytest.raises(QuantError, match=match) as e:
+        QuantConfig(**kwargs)
+    assert "\n" not in str(e.value)
+
+
+def test_config_roundtrip():
+    cfg = QuantConfig(weight_bits=4, act_bits=6, per_channel=False, observer="ema")
+    assert QuantConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.tag == "w4a6-per_tensor"
+    with pytest.raises(QuantError, match="unknown"):
+        QuantConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+def test_qparams_dict_roundtrip():
+    qp = QParams(torch.tensor([0.5, 0.25]), torch.tensor([0, 0], dtype=torch.int32), -7, 7, 0)
+    back = QParams.from_dict(qp.to_dict())
+    assert torch.equal(back.scale, qp.scale) and (back.qmin, back.qmax, back.axis) == (-7, 7, 0)

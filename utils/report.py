@@ -1,0 +1,76 @@
+"""Regenerate README's tables from the CSV files under results/ (never type figures by hand).
+
+    python -m utils.report          # rewrites the blocks between <!-- begin:NAME --> and <!-- end:NAME -->
+
+Each block NAME has a renderer below that reads only files under results/.
+"""
+from __future__ import annotations
+
+import csv
+import re
+import sys
+from pathlib import Path
+from typing import Callable
+
+from utils.io import REPO_ROOT, atomic_write_bytes
+
+DATASET_LABEL = {"fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10"}
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def dataset_label(dataset: str, source: str = "") -> str:
+    label = DATASET_LABEL.get(dataset, dataset)
+    return f"{label} (JPEG copy)" if dataset == "cifar10" and source in ("", "jpeg-copy") else label
+
+
+def render_train(results: Path) -> str:
+    """Latest finished run per data set and model that wrote a checkpoint under ckpt/."""
+    latest: dict[tuple[str, str], dict[str, str]] = {}
+    for row in read_rows(results / "train.csv"):
+        if row["checkpoint"].startswith("ckpt/"):
+            latest[(row["dataset"], row["model"])] = row
+    lines = ["| data set | model | test acc | epochs | lr | batch | weight decay | label smoothing | augment | run time |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for (ds, model), r in sorted(latest.items(), key=lambda kv: (kv[0][0] != "fashion_mnist", kv[0][1])):
+        lines.append(f"| {dataset_label(ds, r.get('data_source', ''))} | {model} | {float(r['test_acc']):.2f}% | {r['epochs']} "
+                     f"| {r['lr']} | {r['batch_size']} | {r['weight_decay']} | {r['label_smoothing']} "
+                     f"| {r['augment'] or 'none'} | {float(r['run_seconds']) / 60:.1f} min |")
+    return "\n".join(lines)
+
+
+def render_epoch_time(results: Path) -> str:
+    """Latest benchmark row per data set and model from bench/epoch_time.py."""
+    latest = {(r["dataset"], r["model"]): r for r in read_rows(results / "epoch_time.csv")}
+    lines = ["| data set | model | s / epoch (median) | loader only, img/s | training, img/s | threads |",
+             "|---|---|---|---|---|---|"]
+    for (ds, model), r in sorted(latest.items(), key=lambda kv: (kv[0][0] != "fashion_mnist", kv[0][1])):
+        lines.append(f"| {DATASET_LABEL[ds]} | {model} | {r['epoch_s']} | {int(r['loader_img_per_s']):,} "
+                     f"| {int(r['train_img_per_s']):,} | {r['threads']} |")
+    return "\n".join(lines)
+
+
+RENDERERS: dict[str, Callable[[Path], str]] = {"train": render_train, "epoch_time": render_epoch_time}
+
+
+def update_readme(readme: Path = REPO_ROOT / "README.md", results: Path = REPO_ROOT / "results") -> list[str]:
+    """Replace every known block in ``readme``; returns the names of the blocks rewritten."""
+    text = readme.read_text()
+    done = []
+    for name, render in RENDERERS.items():
+        pattern = re.compile(rf"(<!-- begin:{name} -->\n).*?(<!-- end:{name} -->)", re.S)
+        if pattern.search(text):
+            text = pattern.sub(lambda m: m.group(1) + render(results) + "\n" + m.group(2), text)
+            done.append(name)
+    atomic_write_bytes(readme, text.encode())
+    return done
+
+
+if __name__ == "__main__":
+    print("updated blocks:", ", ".join(update_readme()) or "none")
+    sys.exit(0)
