@@ -6,12 +6,14 @@
 Loads ckpt/<dataset>_<model>.pt, quantizes every tensor (input, weights, activations) at B bits with
 quant.quantize, calibrates the activation ranges on training batches, converts to the integer-only
 engine, and evaluates on the test set: float, fake-quant and integer accuracy, and the share of test
-images where fake-quant and integer argmax agree. Appends one row to results/ptq.csv and saves the
-integer model to results/ckpt/ptq_<dataset>_<model>_<tag>.pt.
+images where fake-quant and integer argmax agree; also the accuracy of fake quantization that rounds
+once per layer (round(y / s_out)) instead of like the runtime. Appends one row to results/ptq.csv and saves the
+integer model to results/ckpt/ptq_<dataset>_<model>_<tag>_<observer>.pt.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
@@ -31,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="cnn", help="cnn or cnn_bn (default: %(default)s)")
     p.add_argument("--bits", type=int, default=8, help="bits of every weight and activation, 2..8 (default: %(default)s)")
     p.add_argument("--per-tensor", action="store_true", help="one scale per conv weight tensor (default: per channel)")
-    p.add_argument("--observer", default="minmax", help="activation observer: minmax or ema (default: %(default)s)")
+    p.add_argument("--observer", default="mse", help="activation observer: mse (clipped for least squared error), minmax or ema (default: %(default)s)")
     p.add_argument("--calib-batches", type=int, default=32, help="training batches for calibration (default: %(default)s)")
     p.add_argument("--calib-batch-size", type=int, default=256, help="images per calibration batch (default: %(default)s)")
     p.add_argument("--rounding", default="ref", help="integer requantization: ref, builtin or xnnpack (default: %(default)s)")
@@ -39,8 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
     p.add_argument("--data-root", default=None, help="data directory (default: $QDNN_DATA_ROOT, else datasets/)")
     p.add_argument("--ckpt", default=None, help="float checkpoint (default: ckpt/<dataset>_<model>.pt)")
-    p.add_argument("--out", default=None, help="integer model checkpoint (default: results/ckpt/ptq_<dataset>_<model>_<tag>.pt)")
-    p.add_argument("--results", default="results/ptq.csv", help="CSV to append the row to (default: %(default)s)")
+    p.add_argument("--out", default=None, help="integer model checkpoint (default: results/ckpt/ptq_<dataset>_<model>_<tag>_<observer>.pt)")
+    p.add_argument("--results", default=None, help="CSV to append the row to (default: results/ptq.csv)")
     p.add_argument("--dry-run", action="store_true", help="random weights and synthetic data; writes nothing "
                                                           "unless --out/--results are given")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
@@ -100,23 +102,27 @@ def main() -> int:
     qmodel = quant.quantize(model, cfg)
     quant.calibrate(qmodel, calib, num_batches=cfg.calib_batches, progress=True)
     imodel = quant.convert(qmodel)
-    res = quant.compare(test, {"float": model, "fq": qmodel, "int": imodel}, agree=("fq", "int"), progress=True)
+    single = copy.deepcopy(qmodel)  # the usual fake quantization: round(y / s_out), one rounding per layer
+    quant.set_requant(single, "float")
+    res = quant.compare(test, {"float": model, "fq": qmodel, "int": imodel, "fq_float": single},
+                        agree=("fq", "int"), progress=True)
 
     row = {"dataset": args.dataset, "model": args.model, "bits": args.bits, **cfg.to_dict(), "tag": cfg.tag,
            "calib_batch_size": args.calib_batch_size, "seed": args.seed,
            "float_acc": round(res["float_acc"], 2), "fq_acc": round(res["fq_acc"], 2),
            "int_acc": round(res["int_acc"], 2), "agreement": round(res["agreement"], 3),
+           "fq_float_acc": round(res["fq_float_acc"], 2),
            "int_seconds": round(res["int_seconds"], 2), "float_seconds": round(res["float_seconds"], 2),
            "seconds": round(time.perf_counter() - t0, 1), "data_source": test.source, "float_ckpt": ckpt_path,
            "device": str(device), **versions()}
     print_table(row)
     if not args.dry_run or args.out:
-        out = Path(args.out or f"results/ckpt/ptq_{args.dataset}_{args.model}_{cfg.tag}.pt")
+        out = Path(args.out or f"results/ckpt/ptq_{args.dataset}_{args.model}_{cfg.tag}_{cfg.observer}.pt")
         quant.save_integer(out, imodel, meta={"dataset": args.dataset, "model": args.model, "method": "ptq",
                                               "metrics": {k: row[k] for k in ("float_acc", "fq_acc", "int_acc")}})
         row["int_ckpt"] = str(out)
-    if not args.dry_run or "--results" in __import__("sys").argv:
-        append_csv_row(args.results, row)
+    if not args.dry_run or args.results:
+        append_csv_row(args.results or "results/ptq.csv", row)
     if args.json:
         print(json.dumps(row))
     return 0

@@ -4,21 +4,26 @@
     quant.calibrate(qmodel, train_batches, num_batches=cfg.calib_batches)   # PTQ
     imodel = quant.convert(qmodel, rounding="ref")                          # integer only
     quant.compare(test_batches, {"float": float_model, "fq": qmodel, "int": imodel})
+
+QAT: after ``calibrate``, ``prepare_qat(qmodel, QATConfig(...))`` then train (see quant/qat.py, QAT.py).
 """
 from quant.checkpoint import load_integer, load_quantized, save_integer, save_quantized
-from quant.config import QuantConfig
+from quant.config import QATConfig, QuantConfig
 from quant.errors import QuantError
 from quant.evaluate import compare
 from quant.fixed_point import multiply_by_quantized_multiplier, quantize_multiplier
 from quant.fold import fold_bn
 from quant.integer import IntModel
+from quant.modules import LSQQuantize
 from quant.qparams import QParams, choose_qparams, dequantize, fake_quantize, quantize as quantize_tensor
+from quant.qat import clamp_lsq_, frozen_act_observers, prepare_qat, set_act_observers, set_bn_frozen
 from quant.transforms import calibrate, calibration_mode, convert, quantize, set_fake_quant, set_observers, set_requant
 
 __all__ = [
-    "QuantConfig", "QuantError", "QParams", "IntModel",
+    "QuantConfig", "QATConfig", "QuantError", "LSQQuantize", "QParams", "IntModel",
     "quantize", "calibrate", "calibration_mode", "convert", "set_fake_quant", "set_observers", "set_requant", "compare",
     "save_quantized", "load_quantized", "save_integer", "load_integer",
     "choose_qparams", "quantize_tensor", "dequantize", "fake_quantize", "fold_bn",
     "quantize_multiplier", "multiply_by_quantized_multiplier",
+    "prepare_qat", "set_bn_frozen", "set_act_observers", "frozen_act_observers", "clamp_lsq_",
 ]

@@ -7,6 +7,7 @@ from typing import Any
 from quant.errors import QuantError
 
 ROUNDINGS = ("ref", "builtin", "xnnpack")
+QAT_QUANTIZERS = ("ste", "lsq")
 
 
 @dataclass
@@ -73,3 +74,38 @@ class QuantConfig:
             raise QuantError(f"unknown QuantConfig field(s) {', '.join(unknown)}; the checkpoint was made by "
                              f"another version of quant/, re-run PTQ.py to remake it")
         return cls(**d)
+
+
+@dataclass
+class QATConfig:
+    """Settings of quantization-aware training (``quant.qat``), on top of a ``QuantConfig``.
+
+    quantizer: 'ste' -- moving-average (EMA) activation ranges and min/max weight ranges with the
+        straight-through estimator (the seed's method); 'lsq' -- learned step sizes (Esser et al.
+        2019) initialised from the calibrated (PTQ) scales.
+    freeze_bn: epoch (fractional allowed) after which BatchNorm statistics are frozen; from then on
+        fused Conv+BN layers fold with the running statistics and train exactly the graph the integer
+        engine runs. 0 freezes from the start.
+    freeze_observers: epoch after which activation ranges stop moving ('ste'; LSQ scales are
+        learned and have no observer to freeze).
+    ema_momentum: weight of the old value in the activation EMA: running = m * running + (1 - m) * batch.
+    """
+
+    quantizer: str = "ste"
+    freeze_bn: float = 1.0
+    freeze_observers: float = 2.0
+    ema_momentum: float = 0.99
+
+    def __post_init__(self) -> None:
+        if self.quantizer not in QAT_QUANTIZERS:
+            raise QuantError(f"unknown QAT quantizer {self.quantizer!r}; choose one of: {', '.join(QAT_QUANTIZERS)}")
+        for name in ("freeze_bn", "freeze_observers"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+                raise QuantError(f"{name} must be a number of epochs >= 0, got {v!r}")
+        m = self.ema_momentum
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0.0 <= m < 1.0:
+            raise QuantError(f"ema_momentum must be a number in [0, 1), got {m!r}; 0.99 is a good QAT default")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

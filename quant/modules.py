@@ -22,6 +22,7 @@ its input scale.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import torch
@@ -82,6 +83,100 @@ def weight_quantizer(cfg: QuantConfig, per_channel: bool) -> FakeQuantize:
     """Weight quantizer: symmetric narrow weight_bits from the current weights (per channel on dim 0)."""
     return FakeQuantize(MinMaxObserver(cfg.weight_bits, symmetric=True, narrow=True,
                                        axis=0 if per_channel else None), dynamic=True)
+
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[override]
+        return round_half_away(x)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad
+
+
+_TINY = torch.finfo(torch.float32).tiny
+
+
+class _GradScale(torch.autograd.Function):
+    """Identity forward (bit-exact), gradient multiplied by ``g`` (LSQ's step-size gradient scale)."""
+
+    @staticmethod
+    def forward(ctx, x, g):  # type: ignore[override]
+        ctx.g = g
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad * ctx.g, None
+
+
+class LSQQuantize(FakeQuantize):
+    """Learned step size quantizer (LSQ, Esser et al. 2019), a drop-in for ``FakeQuantize``.
+
+    Forward: s * (clamp(round_half_away(x / s), qmin - zp, qmax - zp)), the same values as
+    ``fake_quantize`` with QParams(s, zp). The step size s is an ``nn.Parameter`` (shape () per tensor
+    or (C,) along ``axis``), learned with the LSQ gradient
+        d out / d s = -x/s + round(x/s) inside the range, (qmin - zp) or (qmax - zp) outside,
+    multiplied by g = 1 / sqrt(N * Qp) (N: elements per scale of one sample -- weights: the weights
+    a scale covers; activations: features per image; Qp = qmax - zp_min, i.e. qmax for weights and
+    qmax - qmin for activations). x gets the straight-through gradient inside the range, 0 outside.
+    The zero point is fixed at its calibrated value (weights: 0). s stays positive: the forward uses
+    max(s, scale_floor) (``floor_ratio`` times the initial scale) and ``clamp_()`` projects the
+    parameter onto it after each optimiser step. ``qparams()``
+    returns the learned scale, so ``convert`` builds the integer model from it.
+    The wrapped observer keeps the calibrated range it was initialised from (never updated again).
+    """
+
+    #: the step size never goes below this fraction of its initial (calibrated) value: a smaller one
+    #: would make the requantization multiplier or the int32 bias overflow
+    floor_ratio = 1e-3
+
+    def __init__(self, observer: Observer, qp: QParams) -> None:
+        super().__init__(observer, dynamic=False)
+        self.observer.frozen = True
+        self.qmin, self.qmax, self.axis = qp.qmin, qp.qmax, qp.axis
+        self.scale = nn.Parameter(qp.scale.detach().clone().float())
+        self.register_buffer("zero_point", qp.zero_point.detach().clone().to(torch.int32))
+        self.register_buffer("scale_floor", (qp.scale.detach().float() * self.floor_ratio).clamp(min=_TINY))
+
+    @classmethod
+    def from_fake_quant(cls, fq: FakeQuantize) -> "LSQQuantize":
+        """Initialised from a calibrated quantizer's QParams (the PTQ scales)."""
+        lsq = cls(fq.observer, fq.qparams())
+        lsq.enabled = fq.enabled
+        return lsq
+
+    def _scale(self) -> torch.Tensor:
+        return torch.maximum(self.scale, self.scale_floor)
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Project the step size back to >= ``scale_floor`` (call after the optimiser step)."""
+        self.scale.copy_(torch.maximum(self.scale, self.scale_floor))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        s, zp = self._scale(), self.zero_point.to(x.dtype)
+        if self.qmin == -self.qmax:  # weights (symmetric narrow): N = weights per scale, Qp = qmax
+            n, levels = x.numel() // max(s.numel(), 1), self.qmax
+        else:                        # activations: N = features per image, Qp = qmax - qmin
+            n, levels = (x[0].numel() if x.dim() > 1 else x.numel()), self.qmax - self.qmin
+        s = _GradScale.apply(s, 1.0 / math.sqrt(max(n, 1) * levels))
+        if self.axis is not None:
+            shape = [1] * x.dim()
+            shape[self.axis] = -1
+            s, zp = s.reshape(shape), zp.reshape(shape)
+        v = torch.clamp(x / s, self.qmin - zp, self.qmax - zp)
+        return _RoundSTE.apply(v) * s
+
+    def qparams(self) -> QParams:
+        return QParams(self._scale().detach().float().clone(), self.zero_point.clone(), self.qmin, self.qmax,
+                       self.axis)
+
+    def extra_repr(self) -> str:
+        return f"enabled={self.enabled}, lsq, qmin={self.qmin}, qmax={self.qmax}, axis={self.axis}"
 
 
 def quantize_bias(bias: torch.Tensor, s_in: torch.Tensor, s_w: torch.Tensor, check: bool = False) -> torch.Tensor:
@@ -250,10 +345,22 @@ class QConvReLU(QConv2d):
 class QConvBNReLU(QConv2d):
     """Conv2d + BatchNorm2d (+ ReLU) fused; BN folded into the conv with ``fold_bn_params``.
 
-    Keys: the conv's ``weight``/``bias`` and the BN under ``bn.*``. Here (eval, PTQ) the BN is
-    folded with its running statistics; ``float_weight_bias`` is the hook where QAT adds folding
-    with batch statistics, the Jacob/Krishnamoorthi correction and BN freezing.
+    Keys: the conv's ``weight``/``bias`` and the BN under ``bn.*``.
+
+    * eval mode, or train mode with ``bn_frozen = True``: the BN is folded with its running
+      statistics (w' = w * gamma / sigma_run, b' = (b - mu_run) * gamma / sigma_run + beta) and the
+      layer computes exactly what the integer engine runs; running statistics do not move.
+    * train mode with ``bn_frozen = False`` (QAT before the BN freeze; Jacob et al. 2018 Fig. C.8,
+      Krishnamoorthi 2018 section 3.2.2): the conv runs once with fq(w * gamma / sigma_run) and no
+      bias; dividing by gamma / sigma_run gives the conv output z (+ b), whose batch statistics
+      mu_B, sigma_B normalise it through ``self.bn`` in train mode, so
+      y = conv(x, fq(w')) * sigma_run / sigma_B + (beta - gamma * mu_B / sigma_B)
+      and the running statistics are updated with PyTorch's momentum semantics
+      (running = (1 - momentum) * running + momentum * batch, unbiased batch variance).
     """
+
+    #: QAT switch (not saved in the state dict; QAT.py sets it from its step count)
+    bn_frozen = False
 
     pattern = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU)
 
@@ -276,6 +383,24 @@ class QConvBNReLU(QConv2d):
     def float_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         bn = self.bn
         return fold_bn_params(self.weight, self.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.bn_frozen:
+            return super().forward(x)
+        x = self._quant_input(x)
+        bn = self.bn
+        factor = torch.rsqrt(bn.running_var + bn.eps)
+        if bn.weight is not None:
+            factor = bn.weight * factor                    # gamma / sigma_run, (C,)
+        wq = self.weight_quant(self.weight * factor.reshape(-1, 1, 1, 1))
+        z = self._op(x, wq, None) / factor.reshape(1, -1, 1, 1)  # conv(x, fq(w')) * sigma_run / gamma
+        if self.bias is not None:
+            z = z + self.bias.reshape(1, -1, 1, 1)
+        bn.train()
+        y = bn(z)                                          # batch statistics; updates the running ones
+        if self.relu:
+            y = F.relu(y)
+        return self.act_quant(y)
 
 
 class QConvBN(QConvBNReLU):

@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 import torch
 
 from tests.conftest import run_script
@@ -22,8 +24,9 @@ def test_dry_run_end_to_end_json(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))  # atomic write left no temp file
 
 
-def test_resume_continues_where_it_stopped(tmp_path):
-    common = ("train.py", "--dry-run", "--epochs", "3", "--device", "cpu", "--seed", "5")
+@pytest.mark.parametrize("extra", [(), ("--ema-decay", "0.9", "--sam-rho", "0.05")], ids=["sgd", "sam-ema"])
+def test_resume_continues_where_it_stopped(tmp_path, extra):
+    common = ("train.py", "--dry-run", "--epochs", "3", "--device", "cpu", "--seed", "5", *extra)
     a, b = tmp_path / "a.pt", tmp_path / "b.pt"
     r = run_script(*common, "--out", str(a), "--stop-after", "1")
     assert r.returncode == 0, r.stderr

@@ -55,7 +55,41 @@ def render_epoch_time(results: Path) -> str:
     return "\n".join(lines)
 
 
-RENDERERS: dict[str, Callable[[Path], str]] = {"train": render_train, "epoch_time": render_epoch_time}
+def render_ptq(results: Path) -> str:
+    """PTQ.py rows with per-channel weights and ref rounding from the shipped checkpoints: the latest
+    per data set, model, bits and observer; the default observer (mse) in full, minmax beside it."""
+    latest: dict[tuple[str, str, int, str], dict[str, str]] = {}
+    for r in read_rows(results / "ptq.csv"):
+        if r["per_channel"] == "True" and r["rounding"] == "ref" and r["float_ckpt"].startswith("ckpt/"):
+            latest[(r["dataset"], r["model"], int(r["bits"]), r["observer"])] = r
+    lines = ["| data set | model | bits | float | fake-quant | integer engine | Δ vs float | fq/int argmax agreement "
+             "| fake-quant with minmax ranges | fake-quant rounding once per layer |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    keys = sorted({k[:3] for k in latest if k[3] == "mse"}, key=lambda k: (k[0] != "fashion_mnist", k[1], -k[2]))
+    for ds, model, bits in keys:
+        r = latest[(ds, model, bits, "mse")]
+        mm = latest.get((ds, model, bits, "minmax"))
+        mm_acc = f"{float(mm['fq_acc']):.2f}%" if mm else "—"
+        delta = float(r["fq_acc"]) - float(r["float_acc"])
+        lines.append(f"| {dataset_label(ds, r.get('data_source', ''))} | {model} | {bits} | {float(r['float_acc']):.2f}% "
+                     f"| {float(r['fq_acc']):.2f}% | {float(r['int_acc']):.2f}% | {delta:+.2f} "
+                     f"| {float(r['agreement']):.2f}% | {mm_acc} | {float(r['fq_float_acc']):.2f}% |")
+    return "\n".join(lines)
+
+
+def render_int_speed(results: Path) -> str:
+    """Latest bench/int_engine.py row per data set, model, bits and rounding."""
+    latest = {(r["dataset"], r["model"], r["bits"], r["rounding"]): r for r in read_rows(results / "int_engine_speed.csv")}
+    lines = ["| data set | model | bits | rounding | float model | integer engine | images/s float / integer |",
+             "|---|---|---|---|---|---|---|"]
+    for (ds, model, bits, rnd), r in sorted(latest.items()):
+        lines.append(f"| {DATASET_LABEL[ds]} | {model} | {bits} | {rnd} | {r['float_s']} s | {r['int_s']} s "
+                     f"| {int(r['float_img_per_s']):,} / {int(r['int_img_per_s']):,} |")
+    return "\n".join(lines)
+
+
+RENDERERS: dict[str, Callable[[Path], str]] = {"train": render_train, "epoch_time": render_epoch_time,
+                                               "ptq": render_ptq, "int_speed": render_int_speed}
 
 
 def update_readme(readme: Path = REPO_ROOT / "README.md", results: Path = REPO_ROOT / "results") -> list[str]:

@@ -18,8 +18,12 @@ def to_input(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler | None, device: torch.device,
                 label_smoothing: float = 0.0, desc: str = "train",
-                after_step: Callable[[], None] | None = None) -> dict[str, float]:
-    """Train for one pass over ``loader``; returns mean loss, accuracy (%) and seconds."""
+                after_step: Callable[[], None] | None = None, sam_rho: float = 0.0) -> dict[str, float]:
+    """Train for one pass over ``loader``; returns mean loss, accuracy (%) and seconds.
+
+    sam_rho > 0 takes sharpness-aware minimisation steps (SAM, Foret et al. 2021): the gradient
+    that ``optimizer`` applies is the one at the weights moved by rho along the normalised gradient.
+    """
     model.train()
     t0, total, correct, loss_sum = time.perf_counter(), 0, 0, 0.0
     bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0)
@@ -29,6 +33,8 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
         loss = F.cross_entropy(out, y, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if sam_rho > 0:
+            sam_second_pass(model, x, y, sam_rho, label_smoothing)
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
@@ -41,6 +47,23 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
         bar.set_postfix(loss=f"{loss_sum / total:.3f}", acc=f"{100 * correct / total:.2f}", refresh=False)
     return {"train_loss": loss_sum / max(total, 1), "train_acc": 100 * correct / max(total, 1),
             "seconds": time.perf_counter() - t0}
+
+
+def sam_second_pass(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rho: float,
+                    label_smoothing: float) -> None:
+    """Replace the gradients in ``model`` by those at w + rho * g / ||g|| (then restore w)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    with torch.no_grad():
+        norm = torch.norm(torch.stack([p.grad.norm() for p in params])) + 1e-12
+        moves = [p.grad * (rho / norm) for p in params]
+        for p, e in zip(params, moves):
+            p.add_(e)
+    for p in params:
+        p.grad = None
+    F.cross_entropy(model(x), y, label_smoothing=label_smoothing).backward()
+    with torch.no_grad():
+        for p, e in zip(params, moves):
+            p.sub_(e)
 
 
 @torch.no_grad()

@@ -1,0 +1,122 @@
+"""Quantization-aware training helpers: prepare a calibrated fake-quant model for training, freeze
+BatchNorm statistics and activation ranges, keep LSQ step sizes positive.
+
+    qmodel = quant.quantize(float_model, cfg)
+    quant.calibrate(qmodel, train_batches, cfg.calib_batches)      # PTQ initialisation
+    quant.prepare_qat(qmodel, quant.QATConfig(quantizer="lsq"))    # trainable quantizers
+    ... train; quant.set_bn_frozen(qmodel, True); quant.set_act_observers(qmodel, False) ...
+    imodel = quant.convert(qmodel)                                 # uses the learned / frozen qparams
+
+The float weights stay the optimiser's ("shadow") parameters: every forward quantizes them anew and
+nothing is written back. After both freezes, a fused Conv+BN layer folds with its running statistics
+and every range is fixed, so the training forward is the integer engine's graph (up to the
+requantization rounding, which eval mode simulates exactly).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+import torch.nn as nn
+
+from quant.config import QATConfig
+from quant.errors import QuantError
+from quant.modules import FakeQuantize, LSQQuantize, QConvBNReLU, QModule, _QWeighted
+from quant.observers import EMAObserver
+
+
+def act_quantizers(model: nn.Module) -> list[FakeQuantize]:
+    """The input and output (activation) quantizers of every layer, in execution order."""
+    out: list[FakeQuantize] = []
+    for m in model.modules():
+        if isinstance(m, QModule) and m.input_quant is not None:
+            out.append(m.input_quant)
+        if isinstance(m, _QWeighted):
+            out.append(m.act_quant)
+    return out
+
+
+def set_act_observers(model: nn.Module, enabled: bool) -> None:
+    """Let activation observers record (True) or freeze them (False); weight quantizers are untouched."""
+    for fq in act_quantizers(model):
+        if not isinstance(fq, LSQQuantize):
+            fq.observer.frozen = not enabled
+
+
+def set_bn_frozen(model: nn.Module, frozen: bool) -> None:
+    """Freeze (True) the BatchNorm statistics of every fused Conv+BN layer: train mode then folds with
+    the running statistics and no longer updates them."""
+    for m in model.modules():
+        if isinstance(m, QConvBNReLU):
+            m.bn_frozen = frozen
+
+
+@contextlib.contextmanager
+def frozen_act_observers(model: nn.Module) -> Iterator[nn.Module]:
+    """Evaluate without moving any range: activation observers frozen inside, restored on exit."""
+    saved = [(fq, fq.observer.frozen) for fq in act_quantizers(model)]
+    set_act_observers(model, False)
+    try:
+        yield model
+    finally:
+        for fq, frozen in saved:
+            fq.observer.frozen = frozen
+
+
+def clamp_lsq_(model: nn.Module) -> None:
+    """Keep every LSQ step size positive (call after each optimiser step)."""
+    for m in model.modules():
+        if isinstance(m, LSQQuantize):
+            m.clamp_()
+
+
+def _prepare_ste(model: nn.Module, qcfg: QATConfig) -> None:
+    """EMA observers (initialised with the calibrated ranges) for activations, recording; weight
+    ranges follow the current weights (dynamic min/max)."""
+    for m in model.modules():
+        if not isinstance(m, _QWeighted):
+            continue
+        m.weight_quant.observer.frozen = False
+        for fq in ([m.input_quant] if m.input_quant is not None else []) + [m.act_quant]:
+            fq.qparams()  # an mse observer clips its range on first use
+            old = fq.observer
+            ema = EMAObserver(old.bits, symmetric=old.symmetric, narrow=old.narrow, axis=old.axis,
+                              momentum=qcfg.ema_momentum)
+            ema.min_val, ema.max_val = old.min_val.clone(), old.max_val.clone()
+            fq.observer = ema
+
+
+def _prepare_lsq(model: nn.Module, qcfg: QATConfig) -> None:
+    """Replace every quantizer by an ``LSQQuantize`` initialised from its calibrated QParams (weights:
+    the min/max scale of the (folded) weights at calibration, i.e. the PTQ scale)."""
+    swapped: dict[int, LSQQuantize] = {}
+    for m in list(model.modules()):
+        if not isinstance(m, QModule):
+            continue
+        for name in ("input_quant", "weight_quant", "act_quant"):
+            fq = getattr(m, name, None)
+            if isinstance(fq, FakeQuantize) and not isinstance(fq, LSQQuantize):
+                lsq = LSQQuantize.from_fake_quant(fq)
+                setattr(m, name, lsq)
+                swapped[id(fq)] = lsq
+    for m in model.modules():
+        if isinstance(m, QModule) and m.input_fq is not None and id(m.input_fq) in swapped:
+            m.attach_input(swapped[id(m.input_fq)])
+
+
+#: quantizer name -> function turning a calibrated fake-quant model into a trainable one
+QAT_PREPARE: dict[str, Callable[[nn.Module, QATConfig], None]] = {"ste": _prepare_ste, "lsq": _prepare_lsq}
+
+
+def prepare_qat(model: nn.Module, qcfg: QATConfig) -> nn.Module:
+    """Make a calibrated model from ``quant.quantize`` trainable in place (see ``QATConfig.quantizer``)
+    and return it. BN statistics and activation observers start unfrozen."""
+    if getattr(model, "quant_config", None) is None:
+        raise QuantError("prepare_qat needs a model made by quant.quantize and calibrated")
+    for fq in act_quantizers(model):
+        if not fq.observer.initialized:
+            raise QuantError("prepare_qat needs a calibrated model; run quant.calibrate first")
+    QAT_PREPARE[qcfg.quantizer](model, qcfg)
+    set_bn_frozen(model, False)
+    model.qat_config = qcfg
+    return model

@@ -1,0 +1,214 @@
+"""Quantization-aware training: quant/qat.py, the QAT parts of quant/modules.py, and QAT.py end to end."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import quant
+from quant.modules import LSQQuantize, QConvBNReLU
+from quant.qparams import fake_quantize
+from tests.conftest import run_script
+
+
+def _net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(6, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 2 * 2, 10))
+
+
+def _batches(n=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 1, 10, 10, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(n)]
+
+
+def _qat_model(bits=4, quantizer="ste", observer="minmax"):
+    cfg = quant.QuantConfig(weight_bits=bits, act_bits=bits, observer=observer)
+    qmodel = quant.quantize(_net(), cfg)
+    quant.calibrate(qmodel, _batches())
+    return quant.prepare_qat(qmodel, quant.QATConfig(quantizer=quantizer)).train()
+
+
+def _step(qmodel, x, y, lr=0.05):
+    opt = torch.optim.SGD(qmodel.parameters(), lr=lr, momentum=0.9)
+    loss = F.cross_entropy(qmodel(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    quant.clamp_lsq_(qmodel)
+    return loss
+
+
+@pytest.mark.parametrize("quantizer", ["ste", "lsq"])
+def test_step_updates_float_shadow_weights_off_grid(quantizer):
+    qmodel = _qat_model(quantizer=quantizer)
+    conv, fc = qmodel[0], qmodel[7]
+    before = {k: v.detach().clone() for k, v in qmodel.named_parameters()}
+    x, y = _batches(1, seed=3)[0]
+    _step(qmodel, x, y)
+    for name in ("0.weight", "4.weight", "7.weight", "0.bn.weight"):
+        assert not torch.equal(before[name], dict(qmodel.named_parameters())[name]), name
+    # the float weights are not snapped to the grid: quantizing them changes them
+    w = fc.weight.detach()
+    assert not torch.equal(fake_quantize(w, fc.weight_quant.qparams()), w)
+    wf = conv.float_weight_bias()[0].detach()
+    assert not torch.equal(fake_quantize(wf, conv.weight_quant.qparams()), wf)
+
+
+def test_frozen_observers_do_not_move():
+    qmodel = _qat_model(quantizer="ste")
+    quant.set_act_observers(qmodel, False)
+    ranges = [(fq.observer.min_val.clone(), fq.observer.max_val.clone()) for fq in quant.qat.act_quantizers(qmodel)]
+    for x, y in _batches(3, seed=5):
+        _step(qmodel, x * 3, y)  # wider inputs would widen any recording range
+    for fq, (lo, hi) in zip(quant.qat.act_quantizers(qmodel), ranges):
+        assert torch.equal(fq.observer.min_val, lo) and torch.equal(fq.observer.max_val, hi)
+    quant.set_act_observers(qmodel, True)
+    _step(qmodel, _batches(1, seed=6)[0][0] * 3, _batches(1, seed=6)[0][1])
+    assert not torch.equal(qmodel[0].input_quant.observer.max_val, ranges[0][1])  # recording again: moves
+
+
+def test_bn_before_freeze_matches_float_bn_in_train_mode_and_momentum():
+    """Fake quant off: the folded/corrected layer equals conv -> BatchNorm2d(train) -> ReLU, and the
+    running statistics follow PyTorch's momentum update."""
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(3, 5, 3), nn.BatchNorm2d(5, momentum=0.3)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    layer = QConvBNReLU(conv, bn, quant.QuantConfig()).train()
+    quant.set_fake_quant(layer, False)
+    ref_bn = nn.BatchNorm2d(5, momentum=0.3)
+    ref_bn.load_state_dict(bn.state_dict())
+    x = torch.randn(8, 3, 9, 9)
+    expected = F.relu(ref_bn.train()(conv(x)))
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.bn.running_mean, ref_bn.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.bn.running_var, ref_bn.running_var, rtol=1e-5, atol=1e-6)
+
+
+def test_bn_freeze_stops_running_statistics():
+    qmodel = _qat_model(quantizer="ste")
+    bn = qmodel[0].bn
+    x, y = _batches(1, seed=7)[0]
+    before = [t.clone() for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked)]
+    _step(qmodel, x, y)
+    assert not torch.equal(bn.running_mean, before[0])  # unfrozen: statistics move
+    quant.set_bn_frozen(qmodel, True)
+    frozen = [t.clone() for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked)]
+    _step(qmodel, x, y)
+    assert all(torch.equal(a, b) for a, b in zip((bn.running_mean, bn.running_var, bn.num_batches_tracked), frozen))
+    # frozen + train mode folds with the running statistics: the same forward as eval mode's fold
+    quant.set_act_observers(qmodel, False)
+    quant.set_requant(qmodel, "float")
+    with torch.no_grad():
+        torch.testing.assert_close(qmodel.train()(x), qmodel.eval()(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("quantizer,bits", [("ste", 8), ("ste", 4), ("lsq", 4), ("lsq", 2)])
+def test_after_freeze_eval_equals_integer_engine(quantizer, bits):
+    qmodel = _qat_model(bits=bits, quantizer=quantizer)
+    for i, (x, y) in enumerate(_batches(4, seed=8)):
+        if i == 2:
+            quant.set_bn_frozen(qmodel, True)
+            quant.set_act_observers(qmodel, False)
+        _step(qmodel, x, y, lr=0.01)
+    qmodel.eval()
+    imodel = quant.convert(qmodel)
+    x = _batches(1, seed=9)[0][0]
+    with torch.no_grad():
+        fq, ref = qmodel(x), imodel(x)
+    lsb = float(qmodel[7].act_quant.qparams().scale)
+    assert torch.equal(fq.argmax(1), ref.argmax(1))
+    assert ((fq - ref).abs() <= lsb * 1.001).float().mean() >= 0.99
+    assert torch.equal(fq, ref)  # eval mode simulates the engine's requantization exactly
+
+
+def test_lsq_forward_equals_fake_quantize_and_scale_learns_positive():
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 5, 5) * 2
+    obs = quant.observers.MinMaxObserver(4, symmetric=False)
+    obs(x)
+    lsq = LSQQuantize(obs, obs.calculate_qparams())
+    xg = x.clone().requires_grad_(True)
+    out = lsq(xg)
+    assert torch.equal(out.detach(), fake_quantize(x, lsq.qparams()))
+    out.pow(2).sum().backward()
+    assert lsq.scale.grad is not None and lsq.scale.grad.abs() > 0
+    # LSQ gradient: sum over elements of dL/dout * (-x/s + round(x/s) inside, qmin-zp / qmax-zp outside) * g
+    s, zp, qp = lsq.scale.detach(), lsq.zero_point.float(), lsq.qparams()
+    v = x / s
+    r = quant.qparams.round_half_away(v)
+    inside = (v >= qp.qmin - zp) & (v <= qp.qmax - zp)  # the paper clips v = x / s before rounding
+    d = torch.where(inside, r - v, torch.where(v < qp.qmin - zp, qp.qmin - zp, qp.qmax - zp))
+    g = 1 / math.sqrt(x[0].numel() * (qp.qmax - qp.qmin))
+    torch.testing.assert_close(lsq.scale.grad, (2 * out.detach() * d).sum() * g, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        lsq.scale -= 10 * lsq.scale.abs() + 1  # a step that would make it negative
+    lsq.clamp_()
+    assert lsq.scale > 0 and lsq.qparams().scale > 0 and torch.equal(lsq.scale.detach(), lsq.scale_floor)
+
+
+def test_lsq_weight_scales_per_channel_and_integer_model_uses_them():
+    qmodel = _qat_model(bits=4, quantizer="lsq")
+    conv = qmodel[0]
+    assert isinstance(conv.weight_quant, LSQQuantize) and conv.weight_quant.scale.shape == (6,)
+    assert isinstance(conv.input_quant, LSQQuantize) and qmodel[4].input_fq is conv.act_quant
+    init = conv.weight_quant.scale.detach().clone()
+    for x, y in _batches(2, seed=10):
+        _step(qmodel, x, y, lr=0.05)
+    assert not torch.equal(conv.weight_quant.scale.detach(), init) and (conv.weight_quant.scale > 0).all()
+    quant.set_bn_frozen(qmodel, True)
+    imodel = quant.convert(qmodel.eval())
+    int_conv = next(m for m in imodel.modules() if hasattr(m, "w_scale"))
+    assert torch.equal(int_conv.w_scale.float(), conv.weight_quant.qparams().scale)
+
+
+def test_qat_config_errors_are_one_line():
+    with pytest.raises(quant.QuantError, match="unknown QAT quantizer 'pact'"):
+        quant.QATConfig(quantizer="pact")
+    with pytest.raises(quant.QuantError, match="freeze_bn must be"):
+        quant.QATConfig(freeze_bn=-1)
+    with pytest.raises(quant.QuantError, match="calibrate"):
+        quant.prepare_qat(quant.quantize(_net(), quant.QuantConfig()), quant.QATConfig())
+
+
+def test_from_scratch_dry_run_json(tmp_path):
+    csv_path = tmp_path / "qat.csv"
+    r = run_script("QAT.py", "--from-scratch", "--dry-run", "--device", "cpu", "--model", "cnn_bn", "--bits", "4",
+                   "--calib-batches", "2", "--results", str(csv_path), "--json")
+    assert r.returncode == 0, r.stderr
+    row = json.loads(r.stdout.strip().splitlines()[-1])
+    for key in ("float_acc", "fq_acc", "int_acc", "agreement", "tag", "observer", "calib_batches", "rounding",
+                "float_ckpt", "seconds", "git_commit"):  # PTQ.py's keys
+        assert key in row, key
+    assert row["agreement"] == 100.0 and row["quantizer"] == "lsq" and row["bits"] == 4
+    assert csv_path.exists()
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    common = ("QAT.py", "--from-scratch", "--dry-run", "--device", "cpu", "--model", "cnn_bn", "--bits", "4",
+              "--epochs", "2", "--calib-batches", "2", "--freeze-bn", "1.5", "--freeze-observers", "1.5")
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    r = run_script(*common, "--out", str(a), "--stop-after", "1")
+    assert r.returncode == 0, r.stderr
+    assert torch.load(a, weights_only=False)["epoch"] == 1
+    r = run_script(*common, "--out", str(a), "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stdout and "epoch   1/2" not in r.stdout and "epoch   2/2" in r.stdout
+    r = run_script(*common, "--out", str(b))
+    assert r.returncode == 0, r.stderr
+    wa, wb = (torch.load(p, weights_only=False)["model"] for p in (a, b))
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) if torch.is_tensor(wb[k]) else wa[k] == wb[k] for k in wb)
+    assert (tmp_path / "a.int.pt").exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_missing_checkpoint_names_the_train_command(tmp_path):
+    r = run_script("QAT.py", "--dataset", "cifar10", "--model", "cnn", "--bits", "4", "--ckpt", str(tmp_path / "no.pt"))
+    assert r.returncode == 2 and "python train.py --dataset cifar10 --model cnn" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = run_script("QAT.py", "--bits", "9", "--dry-run")
+    assert r.returncode == 2 and "2..8" in r.stderr and len(r.stderr.strip().splitlines()) == 1
