@@ -116,16 +116,23 @@ def main() -> int:
            "seconds": round(time.perf_counter() - t0, 1), "data_source": test.source, "float_ckpt": ckpt_path,
            "device": str(device), **versions()}
     print_table(row)
+    write_outputs(args, imodel, row, "ptq",
+                  Path(args.out or f"results/ckpt/ptq_{args.dataset}_{args.model}_{cfg.tag}_{cfg.observer}.pt"))
+    return 0
+
+
+def write_outputs(args: argparse.Namespace, imodel: quant.IntModel, row: dict, method: str, int_path: Path) -> None:
+    """Save the integer model, append ``row`` to results/<method>.csv and print it as JSON, as asked.
+
+    A dry run writes only where --out / --results name a place."""
     if not args.dry_run or args.out:
-        out = Path(args.out or f"results/ckpt/ptq_{args.dataset}_{args.model}_{cfg.tag}_{cfg.observer}.pt")
-        quant.save_integer(out, imodel, meta={"dataset": args.dataset, "model": args.model, "method": "ptq",
-                                              "metrics": {k: row[k] for k in ("float_acc", "fq_acc", "int_acc")}})
-        row["int_ckpt"] = str(out)
+        quant.save_integer(int_path, imodel, meta={"dataset": args.dataset, "model": args.model, "method": method,
+                                                   "metrics": {k: row[k] for k in ("float_acc", "fq_acc", "int_acc")}})
+        row["int_ckpt"] = str(int_path)
     if not args.dry_run or args.results:
-        append_csv_row(args.results or "results/ptq.csv", row)
+        append_csv_row(args.results or f"results/{method}.csv", row)
     if args.json:
         print(json.dumps(row))
-    return 0
 
 
 if __name__ == "__main__":

@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 
 import quant
-from PTQ import load_float_model, print_table
+from PTQ import load_float_model, print_table, write_outputs
 from train import RECIPES, check_matches, make_loaders, make_optimizer
 from utils.cli import CLIError, one_line_errors, resolve_device, set_seed
-from utils.io import append_csv_row, load_checkpoint, save_checkpoint, versions
+from utils.io import load_checkpoint, save_checkpoint, versions
 from utils.training import evaluate, train_epoch
 
 # Fine-tuning defaults per bit width (SGD, Nesterov momentum 0.9, one-cycle LR with 20% warm-up).
@@ -228,14 +228,9 @@ def main() -> int:
     print_table(row)
     print(f"QAT {cfg['quantizer']} {cfg['epochs']} epoch(s), lr {cfg['lr']}: fake-quant {row['ptq_fq_acc']:.2f}% "
           f"after calibration -> {row['fq_acc']:.2f}% after QAT")
-    if ran and (not args.dry_run or args.out):
-        int_out = out.with_name(out.stem + ".int.pt")
-        quant.save_integer(int_out, imodel, meta={"dataset": args.dataset, "model": args.model, "method": "qat",
-                                                  "metrics": {k: row[k] for k in ("float_acc", "fq_acc", "int_acc")}})
-        row["int_ckpt"] = str(int_out)
-    if ran and (not args.dry_run or args.results):
-        append_csv_row(args.results or "results/qat.csv", row)
-    if args.json:
+    if ran:
+        write_outputs(args, imodel, row, "qat", out.with_name(out.stem + ".int.pt"))
+    elif args.json:
         print(json.dumps(row))
     return 0
 

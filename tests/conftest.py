@@ -35,3 +35,21 @@ def run_script(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: i
     full_env = dict(os.environ, **(env or {}))
     return subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def check_resume(common: tuple[str, ...], epochs: int, tmp_path: Path) -> tuple[dict, dict]:
+    """Run ``common`` (a script and its flags, ``--epochs epochs``) interrupted after one epoch and
+    resumed, and uninterrupted; assert the resumed run skipped the finished epoch. Returns the two
+    final checkpoints (resumed, uninterrupted) for the caller to compare."""
+    a, b = tmp_path / "resumed.pt", tmp_path / "straight.pt"
+    r = run_script(*common, "--out", str(a), "--stop-after", "1")
+    assert r.returncode == 0, r.stderr
+    assert torch.load(a, weights_only=False)["epoch"] == 1
+    r = run_script(*common, "--out", str(a), "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stdout and f"epoch   1/{epochs}" not in r.stdout and f"epoch   2/{epochs}" in r.stdout
+    r = run_script(*common, "--out", str(b))
+    assert r.returncode == 0, r.stderr
+    ca, cb = (torch.load(p, weights_only=False) for p in (a, b))
+    assert ca["epoch"] == cb["epoch"] == epochs
+    return ca, cb

@@ -1,5 +1,4 @@
 """The shipped float checkpoints reach the accuracy the foundation issue requires (real data only)."""
-from pathlib import Path
 
 import pytest
 import torch

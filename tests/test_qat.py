@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import quant
 from quant.modules import LSQQuantize, QConvBNReLU
 from quant.qparams import fake_quantize
-from tests.conftest import run_script
+from tests.conftest import check_resume, run_script
 
 
 def _net() -> nn.Sequential:
@@ -191,19 +191,11 @@ def test_from_scratch_dry_run_json(tmp_path):
 def test_resume_equals_uninterrupted(tmp_path):
     common = ("QAT.py", "--from-scratch", "--dry-run", "--device", "cpu", "--model", "cnn_bn", "--bits", "4",
               "--epochs", "2", "--calib-batches", "2", "--freeze-bn", "1.5", "--freeze-observers", "1.5")
-    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
-    r = run_script(*common, "--out", str(a), "--stop-after", "1")
-    assert r.returncode == 0, r.stderr
-    assert torch.load(a, weights_only=False)["epoch"] == 1
-    r = run_script(*common, "--out", str(a), "--resume")
-    assert r.returncode == 0, r.stderr
-    assert "resuming" in r.stdout and "epoch   1/2" not in r.stdout and "epoch   2/2" in r.stdout
-    r = run_script(*common, "--out", str(b))
-    assert r.returncode == 0, r.stderr
-    wa, wb = (torch.load(p, weights_only=False)["model"] for p in (a, b))
+    resumed, straight = check_resume(common, 2, tmp_path)
+    wa, wb = resumed["model"], straight["model"]
     assert wa.keys() == wb.keys()
     assert all(torch.equal(wa[k], wb[k]) if torch.is_tensor(wb[k]) else wa[k] == wb[k] for k in wb)
-    assert (tmp_path / "a.int.pt").exists() and not list(tmp_path.glob("*.tmp"))
+    assert (tmp_path / "resumed.int.pt").exists() and not list(tmp_path.glob("*.tmp"))
 
 
 def test_missing_checkpoint_names_the_train_command(tmp_path):

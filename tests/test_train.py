@@ -4,7 +4,7 @@ import pytest
 
 import torch
 
-from tests.conftest import run_script
+from tests.conftest import check_resume, run_script
 
 
 def _weights(path):
@@ -27,17 +27,8 @@ def test_dry_run_end_to_end_json(tmp_path):
 @pytest.mark.parametrize("extra", [(), ("--ema-decay", "0.9", "--sam-rho", "0.05")], ids=["sgd", "sam-ema"])
 def test_resume_continues_where_it_stopped(tmp_path, extra):
     common = ("train.py", "--dry-run", "--epochs", "3", "--device", "cpu", "--seed", "5", *extra)
-    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
-    r = run_script(*common, "--out", str(a), "--stop-after", "1")
-    assert r.returncode == 0, r.stderr
-    assert torch.load(a, weights_only=False)["epoch"] == 1
-    r = run_script(*common, "--out", str(a), "--resume")
-    assert r.returncode == 0, r.stderr
-    assert "resuming" in r.stdout and "epoch   1/3" not in r.stdout and "epoch   2/3" in r.stdout
-    r = run_script(*common, "--out", str(b))
-    assert r.returncode == 0, r.stderr
-    wa, wb = _weights(a), _weights(b)
-    assert torch.load(a, weights_only=False)["epoch"] == 3
+    resumed, straight = check_resume(common, 3, tmp_path)
+    wa, wb = resumed["model"], straight["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wb)  # interrupted + resumed == uninterrupted
 
 
