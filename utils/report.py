@@ -29,16 +29,27 @@ def dataset_label(dataset: str, source: str = "") -> str:
     return f"{label} (JPEG copy)" if dataset == "cifar10" and source in ("", "jpeg-copy") else label
 
 
+def shipped(row: dict[str, str]) -> bool:
+    """Whether ``row`` is the run that wrote the checkpoint now in ckpt/ (same seed, epochs, accuracy)."""
+    path = REPO_ROOT / row["checkpoint"]
+    if not row["checkpoint"].startswith("ckpt/") or not path.exists():
+        return False
+    import torch
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    return (ckpt["config"].get("seed") == int(row["seed"]) and ckpt["epoch"] == int(row["epochs"])
+            and round(ckpt["metrics"]["test_acc"], 2) == float(row["test_acc"]))
+
+
 def render_train(results: Path) -> str:
-    """Latest finished run per data set and model that wrote a checkpoint under ckpt/."""
+    """The run behind each shipped checkpoint (the latest matching row per data set and model)."""
     latest: dict[tuple[str, str], dict[str, str]] = {}
     for row in read_rows(results / "train.csv"):
-        if row["checkpoint"].startswith("ckpt/"):
+        if shipped(row):
             latest[(row["dataset"], row["model"])] = row
-    lines = ["| data set | model | test acc | epochs | lr | batch | weight decay | label smoothing | augment | run time |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| data set | model | test acc | seed | epochs | lr | batch | weight decay | label smoothing | augment | run time |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (ds, model), r in sorted(latest.items(), key=lambda kv: (kv[0][0] != "fashion_mnist", kv[0][1])):
-        lines.append(f"| {dataset_label(ds, r.get('data_source', ''))} | {model} | {float(r['test_acc']):.2f}% | {r['epochs']} "
+        lines.append(f"| {dataset_label(ds, r.get('data_source', ''))} | {model} | {float(r['test_acc']):.2f}% | {r['seed']} | {r['epochs']} "
                      f"| {r['lr']} | {r['batch_size']} | {r['weight_decay']} | {r['label_smoothing']} "
                      f"| {r['augment'] or 'none'} | {float(r['run_seconds']) / 60:.1f} min |")
     return "\n".join(lines)
