@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 import quant
-from data import DATASETS, Loader, load_split, synthetic_split
-from models import MODELS, build_model
-from utils.cli import CLIError, one_line_errors, resolve_device, set_seed
+from data import Loader, load_split, synthetic_split
+from models import build_model
+from utils.cli import CLIError, check_names, one_line_errors, resolve_device, set_seed
 from utils.io import append_csv_row, load_checkpoint, versions
 
 
@@ -51,10 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_float_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
     """The float model with the shipped weights (or random ones with --dry-run) and its checkpoint path."""
-    if args.dataset not in DATASETS:
-        raise CLIError(f"unknown --dataset {args.dataset!r}; choose one of: {', '.join(DATASETS)}")
-    if args.model not in MODELS[args.dataset]:
-        raise CLIError(f"unknown --model {args.model!r}; choose one of: {', '.join(MODELS[args.dataset])}")
+    check_names(args.dataset, args.model)
     model = build_model(args.model, args.dataset)
     if args.dry_run:
         return model.eval(), "random-init"

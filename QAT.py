@@ -30,7 +30,7 @@ import torch
 import quant
 from PTQ import load_float_model, print_table, write_outputs
 from train import RECIPES, check_matches, make_loaders, make_optimizer
-from utils.cli import CLIError, one_line_errors, resolve_device, set_seed
+from utils.cli import CLIError, check_names, one_line_errors, resolve_device, set_seed
 from utils.io import load_checkpoint, save_checkpoint, versions
 from utils.training import evaluate, train_epoch
 
@@ -91,8 +91,7 @@ def fill_recipe(args: argparse.Namespace) -> dict:
     """QAT_RECIPES[bits] (or train.RECIPES with --from-scratch) merged under the command line."""
     if args.bits not in QAT_RECIPES:
         raise CLIError(f"--bits must be an integer in 2..8, got {args.bits}; pick a bit width from 2 to 8")
-    if args.dataset not in RECIPES:
-        raise CLIError(f"unknown --dataset {args.dataset!r}; choose one of: {', '.join(RECIPES)}")
+    check_names(args.dataset, args.model)
     train_recipe = RECIPES[args.dataset]
     cfg = dict(COMMON, **QAT_RECIPES[args.bits], label_smoothing=train_recipe["label_smoothing"],
                augment=train_recipe["augment"])

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from data import DATASETS, Loader, get_loaders, synthetic_split
-from models import MODELS, build_model
-from utils.cli import CLIError, one_line_errors, resolve_device, set_seed
+from data import Loader, get_loaders, synthetic_split
+from models import build_model
+from utils.cli import CLIError, check_names, one_line_errors, resolve_device, set_seed
 from utils.io import append_csv_row, load_checkpoint, save_checkpoint, versions
 from utils.training import evaluate, train_epoch
 
@@ -66,10 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def fill_recipe(args: argparse.Namespace) -> dict:
     """Validate names and merge the command line over the data set's recipe."""
-    if args.dataset not in DATASETS:
-        raise CLIError(f"unknown --dataset {args.dataset!r}; choose one of: {', '.join(DATASETS)}")
-    if args.model not in MODELS[args.dataset]:
-        raise CLIError(f"unknown --model {args.model!r}; choose one of: {', '.join(MODELS[args.dataset])}")
+    check_names(args.dataset, args.model)
     cfg = dict(RECIPES[args.dataset], **MODEL_RECIPES.get((args.dataset, args.model), {}),
                dataset=args.dataset, model=args.model, seed=args.seed)
     for key in ("optimizer", "sam_rho", "ema_decay", "epochs", "lr", "batch_size", "weight_decay", "label_smoothing", "augment"):

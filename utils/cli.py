@@ -47,3 +47,12 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def check_names(dataset: str, model: str) -> None:
+    """--dataset / --model must name a registered model; otherwise a one-line error listing the valid ones."""
+    from models import MODELS
+    if dataset not in MODELS:
+        raise CLIError(f"unknown --dataset {dataset!r}; choose one of: {', '.join(MODELS)}")
+    if model not in MODELS[dataset]:
+        raise CLIError(f"unknown --model {model!r}; choose one of: {', '.join(MODELS[dataset])}")
