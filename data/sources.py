@@ -171,22 +171,24 @@ def _torchvision_download(dataset: str, root: Path) -> bool:
         return False
 
 
-def _candidates(dataset: str, root: Path, split: str) -> list[tuple[str, Path, object]]:
-    """(description, path, loader-or-None) in lookup order; loader None means 'try a download here'."""
+def _candidates(dataset: str, root: Path, split: str) -> list[tuple[str, Path, str, object]]:
+    """(description, path, source name, loader-or-None) in lookup order; loader None means 'try a
+    download here'."""
     if dataset == "fashion_mnist":
         raw = root / "FashionMNIST" / "raw"
         return [
-            ("torchvision layout", raw, lambda: _fmnist_from_dir(raw, split, "torchvision")),
-            ("torchvision download", root, None),
-            ("Debian dataset-fashion-mnist", DEBIAN_FASHION_MNIST, lambda: _fmnist_from_dir(DEBIAN_FASHION_MNIST, split, "debian")),
+            ("torchvision layout", raw, "torchvision", lambda: _fmnist_from_dir(raw, split, "torchvision")),
+            ("torchvision download", root, "torchvision", None),
+            ("Debian dataset-fashion-mnist", DEBIAN_FASHION_MNIST, "debian",
+             lambda: _fmnist_from_dir(DEBIAN_FASHION_MNIST, split, "debian")),
         ]
     batches = root / "cifar-10-batches-py"
     jpeg_dir, jpeg_tar = root / "cifar10-jpeg", root / "cifar10-jpeg.tar.gz"
     return [
-        ("torchvision layout", batches, lambda: _cifar_from_pickles(batches, split)),
-        ("torchvision download", root, None),
-        ("JPEG copy (directory)", jpeg_dir / split, lambda: _cifar_from_jpeg_dir(jpeg_dir, split)),
-        ("JPEG copy (tarball)", jpeg_tar, lambda: _cifar_from_jpeg_tar(jpeg_tar, split)),
+        ("torchvision layout", batches, "torchvision", lambda: _cifar_from_pickles(batches, split)),
+        ("torchvision download", root, "torchvision", None),
+        ("JPEG copy (directory)", jpeg_dir / split, "jpeg-copy", lambda: _cifar_from_jpeg_dir(jpeg_dir, split)),
+        ("JPEG copy (tarball)", jpeg_tar, "jpeg-copy", lambda: _cifar_from_jpeg_tar(jpeg_tar, split)),
     ]
 
 
@@ -238,7 +240,7 @@ def load_split(dataset: str, split: str, root: str | Path | None = None, verbose
                             f"(or unset QDNN_DATA_ROOT to use datasets/ in the repository)")
     looked: list[str] = []
     tried_download = False
-    for desc, path, loader in _candidates(dataset, root, split):
+    for desc, path, source, loader in _candidates(dataset, root, split):
         if loader is None:
             if tried_download or not internet_reachable():
                 looked.append(f"{desc} (offline)")
@@ -251,7 +253,6 @@ def load_split(dataset: str, split: str, root: str | Path | None = None, verbose
         looked.append(f"{desc} {path}")
         if not path.exists():
             continue
-        source = {"torchvision layout": "torchvision", "Debian dataset-fashion-mnist": "debian"}.get(desc, "jpeg-copy")
         cache = _cache_path(root, dataset, source, split)
         out = _load_cache(cache) if cache.exists() else None
         if out is None:

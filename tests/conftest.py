@@ -53,3 +53,15 @@ def check_resume(common: tuple[str, ...], epochs: int, tmp_path: Path) -> tuple[
     ca, cb = (torch.load(p, weights_only=False) for p in (a, b))
     assert ca["epoch"] == cb["epoch"] == epochs
     return ca, cb
+
+
+def randomise_bn(model: torch.nn.Module, g: torch.Generator) -> torch.nn.Module:
+    """Give every BatchNorm2d non-trivial running statistics and affine parameters drawn from ``g``;
+    returns the model in eval mode."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=g) * 0.4 - 0.2)
+    return model.eval()

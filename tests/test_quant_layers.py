@@ -9,19 +9,13 @@ from quant.fold import fold_bn
 from quant.modules import QConvBNReLU, QLinear
 from quant.qparams import quantize as quantize_tensor
 from quant.transforms import calibrate, convert, quantize, set_fake_quant
+from tests.conftest import randomise_bn
 
 BITS = list(range(2, 9))
 
 
 def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.rand(m.num_features, generator=g) * 0.4 - 0.2)
-    return model.eval()
+    return randomise_bn(model, torch.Generator().manual_seed(seed))
 
 
 def test_fold_bn_equals_conv_bn_eval():

@@ -1,12 +1,12 @@
 """Whole models from models/ through quantize → calibrate → convert, and checkpoints."""
 import pytest
 import torch
-import torch.nn as nn
 
 import quant
 from models import build_model
 from quant import QuantConfig, QuantError
 from quant.qparams import quantize as quantize_tensor
+from tests.conftest import randomise_bn
 
 SHAPES = {"fashion_mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 
@@ -17,13 +17,7 @@ def synthetic_setup(name: str, dataset: str, seed: int = 1):
     (model, batch(n) -> (x, y))."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = build_model(name, dataset).eval()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.rand(m.num_features, generator=g) * 0.4 - 0.2)
+    model = randomise_bn(build_model(name, dataset), g)
     protos = torch.randn(10, *SHAPES[dataset], generator=g)
     with torch.no_grad():
         feats = model[:-1](protos)
