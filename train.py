@@ -16,7 +16,7 @@ import torch
 
 from data import Loader, get_loaders, synthetic_split
 from models import build_model
-from utils.cli import CLIError, check_names, one_line_errors, resolve_device, set_seed
+from utils.cli import RESUME_HINT, CLIError, check_names, one_line_errors, resolve_device, set_seed
 from utils.io import append_csv_row, load_checkpoint, save_checkpoint, versions
 from utils.training import evaluate, train_epoch
 
@@ -126,7 +126,7 @@ def one_cycle(total_steps: int, warmup: float = 0.2):
     return factor
 
 
-@one_line_errors
+@one_line_errors(on_interrupt=RESUME_HINT)
 def main() -> int:
     args = parse_args()
     cfg = fill_recipe(args)

@@ -1,11 +1,16 @@
-"""Benchmark: seconds per training epoch, and loader-only throughput beside train throughput.
+"""Benchmark: seconds per training epoch, float and quantization-aware, with loader-only throughput.
 
-    python bench/epoch_time.py                      # all data sets and models, 3 repeats each
+    python bench/epoch_time.py                                  # float epochs, all data sets and models
+    python bench/epoch_time.py --methods float ste lsq          # QAT epochs beside float ones, with ratios
     python bench/epoch_time.py --dataset fashion_mnist --model cnn --repeats 1
 
-Each repeat times one full pass of the loader alone (batching, shuffling,
-augmentation), then one full training epoch with train.py's recipe. Reports
-medians and writes results/epoch_time.csv.
+Each repeat times one full pass of the loader alone (batching, shuffling, augmentation), then one
+full training epoch per method, interleaved (float, ste, lsq, float, ...) so that every method
+sees the same machine load: ``float`` is train.py's recipe; ``ste`` and ``lsq`` are QAT.py's
+training step at --bits (fake quantization of every tensor, BatchNorm statistics and activation
+ranges still updating: the dearer phase of a QAT run). Reports medians, and for QAT the ratio of
+the medians to the float epoch of the same model, and appends one row per method to
+results/epoch_time.csv.
 """
 from __future__ import annotations
 
@@ -18,19 +23,38 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import quant  # noqa: E402
 from data import get_loaders  # noqa: E402
 from models import MODELS, build_model  # noqa: E402
+from QAT import FreezeSchedule, build_qat_model  # noqa: E402
 from train import RECIPES, make_optimizer  # noqa: E402
 from utils.cli import resolve_device, set_seed  # noqa: E402
 from utils.io import append_csv_row, versions  # noqa: E402
 from utils.training import train_epoch  # noqa: E402
 
 
+def make_trainee(method: str, name: str, dataset: str, recipe: dict, bits: int, train, device, epochs: int):
+    """(model, optimizer, scheduler, after_step) for one method, from the same random float weights."""
+    set_seed(0)
+    model = build_model(name, dataset).to(device).to(memory_format=torch.channels_last)
+    after_step = None
+    if method != "float":
+        qcfg = quant.QuantConfig(weight_bits=bits, act_bits=bits, observer="minmax", calib_batches=4)
+        qat_cfg = quant.QATConfig(quantizer=method, freeze_bn=epochs, freeze_observers=epochs)
+        model = build_qat_model(model, qcfg, qat_cfg, train)
+        after_step = FreezeSchedule(model, qat_cfg, len(train)).after_step
+    opt, sched = make_optimizer(model, dict(recipe, epochs=epochs), len(train))
+    return model, opt, sched, after_step
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=list(MODELS), nargs="*", default=list(MODELS))
     p.add_argument("--model", choices=["cnn", "cnn_bn"], nargs="*", default=["cnn", "cnn_bn"])
-    p.add_argument("--repeats", type=int, default=3, help="timed epochs per model (default: %(default)s)")
+    p.add_argument("--methods", choices=["float", "ste", "lsq"], nargs="*", default=["float"],
+                   help="float training and/or QAT with the ste or lsq quantizer (default: float)")
+    p.add_argument("--bits", type=int, default=4, help="QAT bit width (the cost does not depend on it; default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=3, help="timed epochs per model and method (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
     p.add_argument("--data-root", default=None)
     p.add_argument("--out", default="results/epoch_time.csv", help="CSV to append to (default: %(default)s)")
@@ -42,25 +66,34 @@ def main() -> None:
         train, _ = get_loaders(dataset, recipe["batch_size"], root=args.data_root, device=device)
         n = len(train) * train.batch_size
         for name in args.model:
-            set_seed(0)
-            model = build_model(name, dataset).to(device).to(memory_format=torch.channels_last)
-            opt, sched = make_optimizer(model, dict(recipe, epochs=args.repeats), len(train))
-            load_s, train_s = [], []
+            trainees = {m: make_trainee(m, name, dataset, recipe, args.bits, train, device, args.repeats)
+                        for m in args.methods}
+            load_s: list[float] = []
+            train_s: dict[str, list[float]] = {m: [] for m in args.methods}
             for r in range(args.repeats):
                 train.set_epoch(r)
                 t0 = time.perf_counter()
                 for x, y in train:
                     pass
                 load_s.append(time.perf_counter() - t0)
-                train_s.append(train_epoch(model, train, opt, sched, device, desc=f"{dataset}/{name}")["seconds"])
-            row = {"dataset": dataset, "model": name, "device": str(device), "threads": torch.get_num_threads(),
-                   "batch_size": train.batch_size, "repeats": args.repeats,
-                   "epoch_s": round(statistics.median(train_s), 2),
-                   "loader_img_per_s": round(n / statistics.median(load_s)),
-                   "train_img_per_s": round(n / statistics.median(train_s)), **versions()}
-            print(f"{dataset:14s} {name:7s} epoch {row['epoch_s']:6.2f} s (median of {args.repeats})  "
-                  f"loader {row['loader_img_per_s']:>9,} img/s  train {row['train_img_per_s']:>7,} img/s")
-            append_csv_row(args.out, row)
+                for method, (model, opt, sched, after_step) in trainees.items():
+                    train.set_epoch(r)
+                    train_s[method].append(train_epoch(model, train, opt, sched, device, desc=f"{dataset}/{name}/{method}",
+                                                       after_step=after_step)["seconds"])
+            for method in args.methods:
+                epoch_s = statistics.median(train_s[method])
+                ratio = epoch_s / statistics.median(train_s["float"]) if "float" in train_s else None
+                row = {"dataset": dataset, "model": name, "device": str(device), "threads": torch.get_num_threads(),
+                       "batch_size": train.batch_size, "repeats": args.repeats, "epoch_s": round(epoch_s, 2),
+                       "loader_img_per_s": round(n / statistics.median(load_s)),
+                       "train_img_per_s": round(n / epoch_s), "method": method,
+                       "bits": args.bits if method != "float" else "",
+                       "ratio_vs_float": round(ratio, 2) if ratio is not None and method != "float" else "",
+                       **versions()}
+                print(f"{dataset:14s} {name:7s} {method:5s} epoch {row['epoch_s']:6.2f} s (median of {args.repeats})  "
+                      f"loader {row['loader_img_per_s']:>9,} img/s  train {row['train_img_per_s']:>7,} img/s"
+                      + (f"  {ratio:.2f}x float" if row["ratio_vs_float"] != "" else ""))
+                append_csv_row(args.out, row)
 
 
 if __name__ == "__main__":

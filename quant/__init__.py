@@ -11,6 +11,7 @@ from quant.checkpoint import load_integer, load_quantized, save_integer, save_qu
 from quant.config import QATConfig, QuantConfig
 from quant.errors import QuantError
 from quant.evaluate import compare
+from quant.export_tflite import TFLiteRunner, export_tflite
 from quant.fixed_point import multiply_by_quantized_multiplier, quantize_multiplier
 from quant.fold import fold_bn
 from quant.integer import IntModel
@@ -26,4 +27,5 @@ __all__ = [
     "choose_qparams", "quantize_tensor", "dequantize", "fake_quantize", "fold_bn",
     "quantize_multiplier", "multiply_by_quantized_multiplier",
     "prepare_qat", "set_bn_frozen", "set_act_observers", "frozen_act_observers", "clamp_lsq_",
+    "export_tflite", "TFLiteRunner",
 ]

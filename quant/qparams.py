@@ -60,11 +60,14 @@ def qrange(bits: int, symmetric: bool, narrow: bool) -> tuple[int, int]:
 def round_half_away(t: torch.Tensor) -> torch.Tensor:
     """Round to nearest, ties away from zero (C's ``std::round``), exact for any float dtype.
 
-    ``torch.round`` rounds ties to even and must not be used for quantization.
+    ``torch.round`` rounds ties to even and must not be used for quantization. Computed as
+    copysign(floor(|t|) + (frac >= 0.5), t) with frac = |t| - floor(|t|), which is exact (unlike
+    floor(|t| + 0.5), which rounds the float just below 0.5 up to 1); six in-place passes.
     """
-    r = torch.trunc(t)
-    frac = t - r  # exact: t and trunc(t) share the exponent range
-    return r + torch.where(frac.abs() >= 0.5, torch.sign(t), torch.zeros_like(t))
+    a = t.abs()
+    r = a.floor()
+    r.add_(a.sub_(r).ge_(0.5))
+    return r.copysign_(t)
 
 
 def choose_qparams(min_val: torch.Tensor | float, max_val: torch.Tensor | float, bits: int, symmetric: bool,
@@ -114,17 +117,20 @@ def dequantize(q: torch.Tensor, qp: QParams) -> torch.Tensor:
 
 
 class _FakeQuantSTE(torch.autograd.Function):
+    """Fake quantization on the grid v = x / scale, where the range is [qmin - zp, qmax - zp], so the
+    zero point is never added and removed (fewer passes over large activations)."""
+
     @staticmethod
-    def forward(ctx, x, scale, zp, qmin, qmax):  # type: ignore[override]
-        v = round_half_away(x / scale) + zp
-        inside = (v >= qmin) & (v <= qmax)
-        ctx.save_for_backward(inside)
-        return (v.clamp(qmin, qmax) - zp) * scale
+    def forward(ctx, x, scale, lo, hi):  # type: ignore[override]
+        r = round_half_away(x / scale)
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward((r < lo) | (r > hi))
+        return r.clamp_(lo, hi).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        (inside,) = ctx.saved_tensors
-        return grad * inside, None, None, None, None
+        (outside,) = ctx.saved_tensors
+        return grad.masked_fill(outside, 0.0), None, None, None
 
 
 def fake_quantize(x: torch.Tensor, qp: QParams) -> torch.Tensor:
@@ -135,4 +141,5 @@ def fake_quantize(x: torch.Tensor, qp: QParams) -> torch.Tensor:
     [qmin, qmax] and is zero outside (no gradient for scale or zero point).
     """
     scale, zp = qp.shaped(x)
-    return _FakeQuantSTE.apply(x, scale.to(x.dtype), zp.to(x.dtype), qp.qmin, qp.qmax)
+    zp = zp.to(x.dtype)
+    return _FakeQuantSTE.apply(x, scale.to(x.dtype), qp.qmin - zp, qp.qmax - zp)

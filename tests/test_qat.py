@@ -151,6 +151,36 @@ def test_lsq_forward_equals_fake_quantize_and_scale_learns_positive():
     assert lsq.scale > 0 and lsq.qparams().scale > 0 and torch.equal(lsq.scale.detach(), lsq.scale_floor)
 
 
+@pytest.mark.parametrize("axis", [None, 0, 1], ids=["per_tensor", "weight_axis0", "act_axis1"])
+def test_lsq_fused_gradients_equal_plain_autograd(axis):
+    """The fused LSQ function gives the values and gradients of the textbook composition
+    s_g = grad_scale(s, g); out = round_ste(clamp(x / s_g, lo, hi)) * s_g, in float64."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 5, 4, 4, generator=g, dtype=torch.float64) * 3
+    shape = [1] * 4
+    if axis is not None:
+        shape[axis] = x.shape[axis]
+    s0 = torch.rand(shape, generator=g, dtype=torch.float64) + 0.2
+    zp = torch.full(shape, -2.0 if axis != 0 else 0.0, dtype=torch.float64)
+    lo, hi, gs = -8 - zp, 7 - zp, 0.37
+    w = torch.randn(x.shape, generator=g, dtype=torch.float64)
+
+    x1, s1 = x.clone().requires_grad_(), s0.clone().requires_grad_()
+    out1 = quant.modules._LSQFunction.apply(x1, s1, lo, hi, gs)
+    (out1 * w).sum().backward()
+
+    x2, s2 = x.clone().requires_grad_(), s0.clone().requires_grad_()
+    s_g = s2 * gs + (s2 - s2 * gs).detach()                  # value s, gradient times gs
+    v = torch.minimum(torch.maximum(x2 / s_g, lo), hi)       # clamp: zero gradient outside [lo, hi]
+    out2 = (v + (quant.qparams.round_half_away(v) - v).detach()) * s_g
+    (out2 * w).sum().backward()
+
+    assert torch.equal(out1.detach(), out2.detach())
+    torch.testing.assert_close(x1.grad, x2.grad)
+    torch.testing.assert_close(s1.grad, s2.grad)
+    assert s1.grad.shape == s0.shape and (s1.grad != 0).all()
+
+
 def test_lsq_weight_scales_per_channel_and_integer_model_uses_them():
     qmodel = _qat_model(bits=4, quantizer="lsq")
     conv = qmodel[0]

@@ -1,4 +1,7 @@
 """quant.config, quant.qparams, quant.observers: pure math and settings."""
+import math
+from fractions import Fraction
+
 import pytest
 import torch
 
@@ -13,6 +16,19 @@ def test_round_half_away_from_zero():
     x = torch.tensor([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 0.49999997, -0.49999997, 2.4, -2.6])
     assert round_half_away(x).tolist() == [-3, -2, -1, 1, 2, 3, 0, 0, 2, -3]
     assert torch.round(torch.tensor([0.5, 2.5])).tolist() == [0, 2]  # why torch.round is banned
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_round_half_away_matches_exact_reference(dtype):
+    """Against Python's exact arithmetic on each value: ties at every k + 1/2, the float just below and
+    above each tie, large magnitudes where floor(|x| + 0.5) would round, and -0.0."""
+    k = torch.arange(-300, 300, dtype=dtype) + 0.5
+    below, above = torch.nextafter(k, k - 1), torch.nextafter(k, k + 1)
+    big = torch.tensor([2.0 ** 23 + 1, 2.0 ** 52 + 1, -(2.0 ** 23) - 1, 0.0, -0.0, 1e-30], dtype=dtype)
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([k, below, above, big, torch.randn(5000, generator=g, dtype=dtype) * 50])
+    want = [math.copysign(math.floor(abs(Fraction(v)) + Fraction(1, 2)), v) for v in x.tolist()]
+    assert round_half_away(x).tolist() == want
 
 
 @pytest.mark.parametrize("bits", BITS, ids=lambda b: f"b{b}")

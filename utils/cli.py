@@ -14,21 +14,31 @@ class CLIError(RuntimeError):
     """A user-caused error; the scripts print it as one line and exit with status 2."""
 
 
-def one_line_errors(main: Callable[[], int | None]) -> Callable[[], int]:
-    """Run ``main``; print user errors (CLIError, DataError, ValueError from configs) as one line, exit 2."""
+RESUME_HINT = "interrupted; rerun the same command with --resume to continue from the last saved epoch"
+
+
+def one_line_errors(main: Callable[[], int | None] | None = None, *,
+                    on_interrupt: str = "interrupted; files are written atomically, so nothing is half-written"):
+    """Run ``main``; print user errors (CLIError, DataError, ValueError from configs) as one line, exit 2.
+
+    Ctrl-C prints ``on_interrupt`` and exits 130. Use as ``@one_line_errors`` or
+    ``@one_line_errors(on_interrupt=RESUME_HINT)`` for scripts that can resume."""
     from data.errors import DataError
 
-    @functools.wraps(main)
-    def wrapper() -> int:
-        try:
-            return main() or 0
-        except (CLIError, DataError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:
-            print("interrupted; rerun with --resume to continue from the last saved epoch", file=sys.stderr)
-            return 130
-    return wrapper
+    def decorate(fn: Callable[[], int | None]) -> Callable[[], int]:
+        @functools.wraps(fn)
+        def wrapper() -> int:
+            try:
+                return fn() or 0
+            except (CLIError, DataError, ValueError) as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            except KeyboardInterrupt:
+                print(on_interrupt, file=sys.stderr)
+                return 130
+        return wrapper
+
+    return decorate(main) if main is not None else decorate
 
 
 def resolve_device(name: str) -> torch.device:

@@ -1,6 +1,7 @@
 """Atomic file writes and checkpoint I/O."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
@@ -8,7 +9,7 @@ import platform
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -54,23 +55,46 @@ def load_checkpoint(path: str | Path, hint: str) -> dict:
     return ckpt
 
 
-def append_csv_row(path: str | Path, row: dict[str, Any]) -> None:
-    """Append ``row`` to a CSV file atomically (rewrite to temp + rename), widening the header if needed."""
+@contextlib.contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """Exclusive advisory lock on ``<path>.lock`` (POSIX flock), so that processes appending to the same
+    file one after another never lose a row; where flock is unavailable it is a no-op."""
     path = Path(path)
-    rows: list[dict[str, Any]] = []
-    fields: list[str] = []
-    if path.exists():
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            fields = list(reader.fieldnames or [])
-            rows = list(reader)
-    fields += [k for k in row if k not in fields]
-    rows.append(row)
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_bytes(path, out.getvalue().encode())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    with open(path.with_name(path.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def append_csv_row(path: str | Path, row: dict[str, Any]) -> None:
+    """Append ``row`` to a CSV file atomically (rewrite to temp + rename), widening the header if needed.
+
+    Concurrent writers are serialised by ``file_lock``: each reads the file only after the previous
+    one has renamed its version into place."""
+    path = Path(path)
+    with file_lock(path):
+        rows: list[dict[str, Any]] = []
+        fields: list[str] = []
+        if path.exists():
+            with open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                fields = list(reader.fieldnames or [])
+                rows = list(reader)
+        fields += [k for k in row if k not in fields]
+        rows.append(row)
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_bytes(path, out.getvalue().encode())
 
 
 def versions() -> dict[str, str]:

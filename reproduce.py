@@ -1,0 +1,365 @@
+"""Reproduce the accuracy tables and the plot with one command, the seed repository's figures beside ours.
+
+    python reproduce.py                          # 2 data sets x 2 models x bits 4,6,8 x PTQ, QAT-ste, QAT-lsq
+    python reproduce.py --bits 2-8 --seeds 3     # every bit width; QAT cells over seeds 0..2 (mean ± std)
+    python reproduce.py --quick                  # Fashion-MNIST cnn, 4 and 8 bits, PTQ and 1 QAT epoch -> results/quick/
+    python reproduce.py --report-only            # rewrite RESULTS.md and the plot from results.csv
+    python reproduce.py --dry-run --out /tmp/r   # synthetic data through every script (seconds per cell)
+
+Every cell (data set, model, bits, method, seed) runs PTQ.py or QAT.py with their defaults (QAT.py
+only gets --quantizer, and --epochs where given) as a separate process on the shipped float
+checkpoint ckpt/<dataset>_<model>.pt (--retrain runs train.py for them first). Each finished run
+appends one row to <out>/results.csv (every setting, seed, the float / fake-quant / integer accuracy,
+agreement, wall time, versions, commit) and its script's own row to <out>/ptq.csv or <out>/qat.csv;
+then <out>/RESULTS.md and <out>/accuracy_vs_bits.png are rewritten from results.csv alone.
+
+Resumable: a cell is identified by the hash of its resolved settings (the script's flags with its
+defaults filled in, QAT_RECIPES included, and the float checkpoint's sha1), stored in results.csv's
+`cell` column; a cell whose hash is there already is skipped ("cached"). An interrupted run loses only
+the cells that were running; rerun the same command to continue. A changed recipe or a retrained
+checkpoint changes the hash, so those cells run again. PTQ runs once (seed 0); --seeds N repeats the
+QAT cells with seeds 0..N-1.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+import PTQ
+import QAT
+from utils.cli import CLIError, check_names, one_line_errors, resolve_device
+from utils.io import REPO_ROOT, append_csv_row
+from utils.results_tables import METHODS, read_results, render_results_md, write_results
+
+DATASETS, MODELS, BITS = ("fashion_mnist", "cifar10"), ("cnn", "cnn_bn"), "4,6,8"
+QUICK = dict(datasets="fashion_mnist", models="cnn", bits="4,8", methods="ptq,qat", epochs=1, out="results/quick")
+FULL = dict(datasets=",".join(DATASETS), models=",".join(MODELS), bits=BITS, methods=",".join(METHODS), epochs=None,
+            out="results")
+#: flags of PTQ.py / QAT.py that say where or how to run, not what is computed: left out of a cell's hash
+NOT_SETTINGS = ("device", "data_root", "ckpt", "out", "results", "json", "resume", "stop_after")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datasets", help=f"comma list (default: {FULL['datasets']}; --quick: {QUICK['datasets']})")
+    p.add_argument("--models", help=f"comma list (default: {FULL['models']}; --quick: {QUICK['models']})")
+    p.add_argument("--bits", help=f"bit widths, '4,6,8' or a range '2-8', within 2..8 (default: {BITS}; "
+                                  f"--quick: {QUICK['bits']})")
+    p.add_argument("--methods", help=f"comma list of ptq, qat-ste, qat-lsq, and qat (QAT.py's default quantizer "
+                                     f"at each bit width) (default: {FULL['methods']}; --quick: {QUICK['methods']})")
+    p.add_argument("--epochs", type=int, help="QAT epochs for every QAT cell (default: QAT.py's recipe per bit "
+                                              "width; --quick: 1)")
+    p.add_argument("--seeds", type=int, default=1, help="repeat each QAT cell with seeds 0..N-1 (default: %(default)s)")
+    p.add_argument("--quick", action="store_true", help="a small subset in a few minutes, into results/quick/")
+    p.add_argument("--retrain", action="store_true", help="train the float checkpoints with train.py first "
+                                                          "(default: use the shipped ckpt/*.pt)")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                   help="cells run at once, each with cores/jobs threads (default: %(default)s, i.e. min(2, cores))")
+    p.add_argument("--force", action="store_true", help="rerun cells already in results.csv")
+    p.add_argument("--stop-after", type=int, default=None, help="start at most this many cells, then stop as if "
+                                                                "interrupted (to test resuming)")
+    p.add_argument("--report-only", action="store_true", help="only rewrite RESULTS.md and the plot from results.csv")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda, passed to every script (default: %(default)s)")
+    p.add_argument("--data-root", default=None, help="data directory (default: $QDNN_DATA_ROOT, else datasets/)")
+    p.add_argument("--out", help="directory of results.csv, RESULTS.md, the plot, ptq.csv, qat.csv and ckpt/ "
+                                 "(default: results; --quick: results/quick; --dry-run: a temporary directory)")
+    p.add_argument("--dry-run", action="store_true", help="synthetic data through the scripts' --dry-run (PTQ: random "
+                   "weights; QAT: the shipped ones); writes nothing unless --out is given")
+    args = p.parse_args(argv)
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None and not (key == "out" and args.dry_run):
+            setattr(args, key, value)
+    return args
+
+
+def parse_bits(text: str) -> list[int]:
+    """'4,6,8' -> [4, 6, 8]; '2-8' -> [2, ..., 8]; every width within 2..8."""
+    bits: set[int] = set()
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            bits.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise CLIError(f"--bits {text!r} is not a list like 4,6,8 or a range like 2-8") from None
+    if not bits or min(bits) < 2 or max(bits) > 8:
+        raise CLIError(f"--bits {text!r}: every bit width must be in 2..8")
+    return sorted(bits)
+
+
+def split_names(text: str, flag: str, valid: tuple[str, ...]) -> list[str]:
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    bad = [n for n in names if n not in valid]
+    if bad or not names:
+        raise CLIError(f"unknown {flag} {','.join(bad) or repr(text)}; choose from: {', '.join(valid)}")
+    return names
+
+
+@dataclass(frozen=True)
+class Cell:
+    dataset: str
+    model: str
+    bits: int
+    method: str  # ptq, qat-ste or qat-lsq
+    seed: int
+
+    @property
+    def quantizer(self) -> str:
+        return self.method.partition("-")[2]
+
+    @property
+    def name(self) -> str:
+        return f"{self.dataset} {self.model} {self.bits}-bit {self.method} seed {self.seed}"
+
+    def flags(self, epochs: int | None, dry_run: bool) -> list[str]:
+        """The flags of the run that change what it computes (its script's defaults do the rest)."""
+        f = ["--dataset", self.dataset, "--model", self.model, "--bits", str(self.bits), "--seed", str(self.seed)]
+        if self.quantizer:
+            f += ["--quantizer", self.quantizer] + (["--epochs", str(epochs)] if epochs else [])
+        return f + (["--dry-run"] if dry_run else [])
+
+
+def make_cells(args: argparse.Namespace) -> list[Cell]:
+    """The grid in run order; 'qat' becomes QAT.py's default quantizer at each bit width."""
+    datasets = split_names(args.datasets, "--datasets", DATASETS)
+    models = split_names(args.models, "--models", MODELS)
+    methods = split_names(args.methods, "--methods", METHODS + ("qat",))
+    for d in datasets:
+        for m in models:
+            check_names(d, m)
+    cells: list[Cell] = []
+    for d in datasets:
+        for m in models:
+            for b in parse_bits(args.bits):
+                for method in methods:
+                    method = f"qat-{QAT.QAT_RECIPES[b]['quantizer']}" if method == "qat" else method
+                    for seed in range(1 if method == "ptq" else args.seeds):
+                        cells.append(Cell(d, m, b, method, seed))
+    return list(dict.fromkeys(cells))
+
+
+def settings_hash(settings: dict) -> str:
+    """A stable 12-hex-digit hash of a settings dict (sha1 of its JSON with sorted keys)."""
+    text = json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def cell_settings(cell: Cell, epochs: int | None, dry_run: bool, float_id: str) -> dict:
+    """Everything the cell's run computes from: its script's parsed flags with their defaults (QAT: the
+    resolved recipe), without the flags that only say where to run or write, and the float checkpoint."""
+    flags = cell.flags(epochs, dry_run)
+    if cell.method == "ptq":
+        settings = vars(PTQ.parse_args(flags))
+    else:
+        ns = QAT.parse_args(flags)
+        settings = {**vars(ns), **QAT.fill_recipe(ns)}
+    settings = {k: v for k, v in settings.items() if k not in NOT_SETTINGS}
+    return {"script": "PTQ.py" if cell.method == "ptq" else "QAT.py", "method": cell.method, **settings,
+            "float_ckpt": float_id}
+
+
+def float_ckpt_id(cell: Cell, dry_run: bool) -> str:
+    """The sha1 of ckpt/<dataset>_<model>.pt (retraining changes it); 'random-init' for PTQ.py's dry run,
+    which does not load it (QAT.py's dry run fine-tunes the shipped weights on synthetic data)."""
+    if dry_run and cell.method == "ptq":
+        return "random-init"
+    dataset, model = cell.dataset, cell.model
+    path = REPO_ROOT / "ckpt" / f"{dataset}_{model}.pt"
+    if not path.exists():
+        raise CLIError(f"{path.relative_to(REPO_ROOT)} not found; train it with: python train.py --dataset {dataset} "
+                       f"--model {model} (or pass --retrain)")
+    return "sha1:" + file_sha1(path)
+
+
+@functools.lru_cache(maxsize=None)
+def file_sha1(path: Path) -> str:
+    return hashlib.sha1(path.read_bytes()).hexdigest()
+
+
+def retrain(args: argparse.Namespace, cells: list[Cell], out: Path) -> None:
+    """Train the float checkpoint of every (data set, model) in the grid with train.py's default recipe."""
+    for d, m in dict.fromkeys((c.dataset, c.model) for c in cells):
+        cmd = [sys.executable, "train.py", "--dataset", d, "--model", m, "--device", args.device,
+               "--results", str(out / "train.csv")] + (["--data-root", args.data_root] if args.data_root else [])
+        print(f"retraining ckpt/{d}_{m}.pt: {' '.join(cmd[1:])}", flush=True)
+        if subprocess.run(cmd, cwd=REPO_ROOT).returncode != 0:
+            raise CLIError(f"train.py failed for {d}/{m} (output above); fix it and rerun, or drop --retrain")
+
+
+@dataclass
+class Run:
+    """One cell to run: its settings hashes, command, and where its script writes."""
+    cell: Cell
+    cell_hash: str
+    group: str
+    float_id: str
+    cmd: list[str]
+    scratch_csv: Path
+
+
+class Runner:
+    """Runs cells as subprocesses (``jobs`` at once) and records each finished one from the main thread."""
+
+    def __init__(self, args: argparse.Namespace, out: Path, scratch: Path):
+        self.args, self.out, self.scratch = args, out, scratch
+        self.procs: dict[Cell, subprocess.Popen] = {}
+        self.env = dict(os.environ)
+        if args.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
+            self.env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
+
+    def plan(self, cell: Cell, float_id: str) -> Run:
+        a = self.args
+        settings = cell_settings(cell, a.epochs, a.dry_run, float_id)
+        group = settings_hash({k: v for k, v in settings.items() if k != "seed"})
+        h = settings_hash(settings)
+        stem = f"{cell.method}_{cell.dataset}_{cell.model}_w{cell.bits}a{cell.bits}_seed{cell.seed}"
+        ckpt = (self.scratch if a.dry_run else self.out / "ckpt") / f"{stem}.pt"
+        cmd = [sys.executable, "PTQ.py" if cell.method == "ptq" else "QAT.py", *cell.flags(a.epochs, a.dry_run),
+               "--device", a.device, "--json", "--out", str(ckpt), "--results", str(self.scratch / f"{h}.csv")]
+        return Run(cell, h, group, float_id, cmd + (["--data-root", a.data_root] if a.data_root else []),
+                   self.scratch / f"{h}.csv")
+
+    def execute(self, run: Run) -> tuple[dict | None, str, float]:
+        """Run the cell's script; (its JSON row or None, last stderr line, wall seconds)."""
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(run.cmd, cwd=REPO_ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        self.procs[run.cell] = proc
+        stdout, stderr = proc.communicate()
+        self.procs.pop(run.cell, None)
+        seconds = time.perf_counter() - t0
+        lines = stdout.strip().splitlines()
+        err = (stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+        if proc.returncode != 0 or not lines:
+            return None, err, seconds
+        try:
+            return json.loads(lines[-1]), err, seconds
+        except json.JSONDecodeError:
+            return None, f"no JSON row on the last line of its output: {lines[-1][:200]}", seconds
+
+    def record(self, run: Run, res: dict, seconds: float) -> dict:
+        """Append the cell's row to results.csv and the script's own row to ptq.csv / qat.csv."""
+        c = run.cell
+        head = {"cell": run.cell_hash, "group": run.group, "dataset": c.dataset, "model": c.model, "bits": c.bits,
+                "method": c.method, "quantizer": c.quantizer,
+                "recipe_quantizer": QAT.QAT_RECIPES[c.bits]["quantizer"] if c.quantizer else "",
+                "seed": c.seed, "epochs": res.get("epochs", ""), "float_acc": res["float_acc"],
+                "fq_acc": res["fq_acc"], "int_acc": res["int_acc"], "agreement": res["agreement"],
+                "cell_seconds": round(seconds, 1), "dry_run": self.args.dry_run}
+        row = {**head, **{k: v for k, v in res.items() if k not in head}, "float_ckpt_sha1": run.float_id}
+        append_csv_row(self.out / "results.csv", row)
+        append_csv_row(self.out / ("ptq.csv" if c.method == "ptq" else "qat.csv"), res)
+        run.scratch_csv.unlink(missing_ok=True)
+        return row
+
+    def stop(self) -> None:
+        for proc in list(self.procs.values()):
+            proc.terminate()
+
+
+def finished_line(row: dict) -> str:
+    return (f"float {row['float_acc']:6.2f}%  fake-quant {row['fq_acc']:6.2f}%  integer {row['int_acc']:6.2f}%  "
+            f"agreement {row['agreement']:6.2f}%  {row['cell_seconds']:6.1f} s")
+
+
+def run_grid(runner: Runner, runs: list[Run], cached: dict[str, dict], bar: tqdm) -> tuple[int, float, list[str]]:
+    """Run what is not cached (at most --stop-after cells); returns (cells run, their seconds, failures)."""
+    todo = []
+    for run in runs:
+        if run.cell_hash in cached:
+            bar.write(f"{run.cell.name}: cached (integer {float(cached[run.cell_hash]['int_acc']):.2f}%)")
+            bar.update(1)
+        else:
+            todo.append(run)
+    if runner.args.stop_after is not None:
+        todo = todo[:runner.args.stop_after]
+    done, seconds, failures = 0, 0.0, []
+    with ThreadPoolExecutor(max_workers=runner.args.jobs) as pool:
+        pending: dict[Future, Run] = {pool.submit(runner.execute, run): run for run in todo}
+        try:
+            while pending:
+                bar.set_postfix_str(", ".join(r.cell.name for f, r in pending.items() if f.running())[:80])
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    run = pending.pop(fut)
+                    res, err, secs = fut.result()
+                    if res is None:
+                        failures.append(f"{run.cell.name} failed: {err}")
+                        bar.write(failures[-1])
+                        for f in pending:  # stop at the first failure; the running cells still finish
+                            f.cancel()
+                        pending = {f: r for f, r in pending.items() if not f.cancelled()}
+                        continue
+                    row = runner.record(run, res, secs)
+                    done, seconds = done + 1, seconds + secs
+                    bar.write(f"{run.cell.name}: {finished_line(row)}")
+                    bar.update(1)
+        except KeyboardInterrupt:
+            for f in pending:
+                f.cancel()
+            runner.stop()
+            raise
+    return done, seconds, failures
+
+
+def reproduce(args: argparse.Namespace, out: Path, scratch: Path) -> None:
+    """Run the grid's missing cells into ``out``, then rewrite RESULTS.md and the plot from results.csv."""
+    resolve_device(args.device)
+    cells = make_cells(args)
+    if args.retrain:
+        retrain(args, cells, out)
+    runner = Runner(args, out, scratch)
+    runs = [runner.plan(c, float_ckpt_id(c, args.dry_run)) for c in cells]
+    cached = {} if args.force else {r["cell"]: r for r in read_results(out / "results.csv")}
+    t0 = time.perf_counter()
+    with tqdm(total=len(runs), desc="reproduce", unit="run", position=0, dynamic_ncols=True) as bar:
+        done, seconds, failures = run_grid(runner, runs, cached, bar)
+    written = write_results(out)
+    n_cached = sum(r.cell_hash in cached for r in runs)
+    print(f"ran {done} cell(s) in {(time.perf_counter() - t0) / 60:.1f} min of wall time "
+          f"({seconds / max(done, 1):.0f} s per cell on average), {n_cached} cached, "
+          f"{len(runs) - done - n_cached} not run; wrote {', '.join(str(p) for p in written)}")
+    if args.out is None:  # a dry run without --out: show the report, the files go with the temp dir
+        print(render_results_md(read_results(out / "results.csv")))
+    if failures:
+        raise CLIError(f"{len(failures)} cell(s) failed, first: {failures[0]}; rerun to retry them")
+
+
+@one_line_errors
+def main() -> int:
+    args = parse_args()
+    if args.seeds < 1 or args.jobs < 1 or (args.epochs is not None and args.epochs < 1):
+        raise CLIError("--seeds, --jobs and --epochs must be >= 1")
+    if args.retrain and args.dry_run:
+        raise CLIError("--retrain trains on the real data but --dry-run runs on synthetic data; drop one of the two flags")
+    if args.data_root:
+        args.data_root = str(Path(args.data_root).resolve())  # the scripts run in the repository root
+    with tempfile.TemporaryDirectory(prefix="reproduce-") as tmp:
+        out = Path(args.out or Path(tmp) / "out").resolve()
+        if args.report_only:
+            if not (out / "results.csv").exists():
+                raise CLIError(f"{out / 'results.csv'} not found; run python reproduce.py first")
+            print("wrote", ", ".join(str(p) for p in write_results(out)))
+            return 0
+        try:
+            reproduce(args, out, Path(tmp))
+        except KeyboardInterrupt:
+            print(f"interrupted; the finished cells are in {out / 'results.csv'}: rerun the same command to continue",
+                  file=sys.stderr)
+            return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

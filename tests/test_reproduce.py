@@ -1,0 +1,148 @@
+"""reproduce.py: the settings hash, the grid flags, the Markdown renderer on hand-made rows, and a dry run
+of a small grid end to end (interrupted, resumed, cached; the Markdown's numbers are the CSV's)."""
+import csv
+import re
+
+import pytest
+
+import QAT
+import reproduce
+from reproduce import Cell, cell_settings, parse_bits, settings_hash
+from tests.conftest import run_script
+from utils.cli import CLIError
+from utils.results_tables import render_reproduce, render_results_md
+
+GRID = ("reproduce.py", "--dry-run", "--datasets", "fashion_mnist", "--models", "cnn", "--bits", "4,8",
+        "--methods", "ptq,qat-lsq", "--epochs", "1", "--device", "cpu")
+
+
+def test_settings_hash_is_stable_and_order_free():
+    assert settings_hash({"b": 1, "a": [1, 2]}) == settings_hash({"a": [1, 2], "b": 1}) == "edab56f36d01"
+    assert settings_hash({"a": [1, 2], "b": 2}) != "edab56f36d01"
+
+
+def test_cell_settings_follow_recipe_and_checkpoint_not_device(monkeypatch):
+    cell = Cell("fashion_mnist", "cnn", 4, "qat-lsq", 0)
+    base = cell_settings(cell, None, False, "sha1:aa")
+    assert base["epochs"] == QAT.QAT_RECIPES[4]["epochs"] and base["quantizer"] == "lsq"
+    assert "device" not in base and "out" not in base and "results" not in base
+    assert settings_hash(cell_settings(cell, None, False, "sha1:bb")) != settings_hash(base)  # retrained
+    monkeypatch.setitem(QAT.QAT_RECIPES, 4, dict(QAT.QAT_RECIPES[4], lr=0.123))
+    assert settings_hash(cell_settings(cell, None, False, "sha1:aa")) != settings_hash(base)  # recipe changed
+    ptq = cell_settings(Cell("fashion_mnist", "cnn", 4, "ptq", 0), None, False, "sha1:aa")
+    assert ptq["observer"] == "mse" and ptq["script"] == "PTQ.py"
+
+
+def test_parse_bits_and_bad_bits():
+    assert parse_bits("2-8") == [2, 3, 4, 5, 6, 7, 8] and parse_bits("8,4, 6") == [4, 6, 8]
+    for bad in ("9", "1-4", "x", "4,"):
+        with pytest.raises(CLIError):
+            parse_bits(bad)
+    r = run_script("reproduce.py", "--bits", "9")
+    assert r.returncode == 2 and "2..8" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_qat_alias_is_the_default_quantizer_per_bits():
+    args = reproduce.parse_args(["--quick", "--seeds", "2"])
+    cells = reproduce.make_cells(args)
+    expect = [("ptq", 0)] + [(f"qat-{QAT.QAT_RECIPES[4]['quantizer']}", s) for s in (0, 1)]
+    expect += [("ptq", 0)] + [(f"qat-{QAT.QAT_RECIPES[8]['quantizer']}", s) for s in (0, 1)]
+    assert [(c.method, c.seed) for c in cells] == expect and args.epochs == 1 and args.out == "results/quick"
+
+
+def _row(dataset, model, bits, method, seed, acc, group="g", source="debian", **kw):
+    qz = method.partition("-")[2]
+    return {"cell": f"{group}{bits}{method}{seed}", "group": group, "dataset": dataset, "model": model,
+            "bits": str(bits), "method": method, "quantizer": qz, "recipe_quantizer": kw.get("recipe", "lsq" if qz else ""),
+            "seed": str(seed), "epochs": "5" if qz else "", "float_acc": kw.get("float_acc", "91.29"),
+            "fq_acc": str(acc), "int_acc": str(acc), "agreement": "100.0", "cell_seconds": "30.0",
+            "data_source": source}
+
+
+def test_render_results_md_exact_tables():
+    rows = [_row("fashion_mnist", "cnn", 4, "qat-lsq", 0, 50.0, group="old"),  # an older recipe: left out
+            _row("fashion_mnist", "cnn", 4, "ptq", 0, 89.76, group="p"),
+            _row("fashion_mnist", "cnn", 4, "qat-lsq", 0, 90.5, group="q"),
+            _row("fashion_mnist", "cnn", 4, "qat-lsq", 1, 90.7, group="q"),
+            _row("fashion_mnist", "cnn", 4, "qat-ste", 0, 89.9, group="s"),
+            _row("cifar10", "cnn_bn", 8, "ptq", 0, 78.98, group="c", source="jpeg-copy", float_acc="78.99")]
+    md = render_results_md(rows)
+    assert "\n".join(["### Fashion-MNIST", "",
+                      "| num_bits | 4 | 6 | 8 |",
+                      "| :-- | :-: | :-: | :-: |",
+                      "| cnn_PTQ | 89.76% / 71% | — / 88% | — / 90% |",
+                      "| cnn_QAT | 90.60 ± 0.14% / 81% | — / 90% | — / 91% |",
+                      "| cnnBN_PTQ | — / 52% | — / 63% | — / 59% |",
+                      "| cnnBN_QAT | — / 62% | — / 71% | — / 84% |", "",
+                      "float model: cnn 91.29% / 90%, cnn_bn — / 90%"]) in md
+    assert "### CIFAR-10 (JPEG copy)" in md and "| cnnBN_PTQ | — / 42% | — / 45% | 78.98% / 57% |" in md
+    assert "\n".join(["| data set | model | method | float | 4 bits | 8 bits |",
+                      "|---|---|---|---|---|---|",
+                      "| Fashion-MNIST | cnn | ptq | 91.29% | 89.76% | — |",
+                      "| Fashion-MNIST | cnn | qat-ste | 91.29% | 89.90% | — |",
+                      "| Fashion-MNIST | cnn | qat-lsq | 91.29% | 90.60 ± 0.14% | — |",
+                      "| CIFAR-10 (JPEG copy) | cnn_bn | ptq | 78.99% | — | 78.98% |"]) in md
+    assert ("| Fashion-MNIST | cnn | 4 | qat-lsq | 5 | 0,1 | 91.29 ± 0.00% | 90.60 ± 0.14% | 90.60 ± 0.14% "
+            "| 100.00% | 30 s |") in md
+    assert "QAT = QAT.py with its default recipe and quantizer at that bit width (lsq at 4 bits)" in md
+    assert "Wall time of the 5 runs above: 2.5 min in all" in md and "50.00" not in md
+
+
+def _csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _md_table(md: str, first_cell: str, n_key: int) -> dict[tuple[str, ...], list[str]]:
+    """Markdown table lines starting with ``| first_cell`` -> {their first n_key cells: the other cells}."""
+    out = {}
+    for line in md.splitlines():
+        if line.startswith(f"| {first_cell}"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            out[tuple(cells[:n_key])] = cells[n_key:]
+    return out
+
+
+def _pct(text: str) -> float:
+    return float(re.fullmatch(r"(\d+\.\d\d)%", text).group(1))
+
+
+def test_dry_run_grid_resumes_and_reports(tmp_path):
+    out = tmp_path / "out"
+    r = run_script(*GRID, "--out", str(out), "--stop-after", "2", env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert len(_csv(out / "results.csv")) == 2
+    r = run_script(*GRID, "--out", str(out), env={"OMP_NUM_THREADS": "1"})  # continues the interrupted grid
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count(": cached") == 2 and "ran 2 cell(s)" in r.stdout
+    rows = _csv(out / "results.csv")
+    assert sorted((int(x["bits"]), x["method"]) for x in rows) == [(4, "ptq"), (4, "qat-lsq"), (8, "ptq"), (8, "qat-lsq")]
+    assert len({x["cell"] for x in rows}) == 4
+    for x in rows:
+        assert x["dry_run"] == "True" and x["data_source"] == "synthetic" and x["torch"] and x["git_commit"]
+        assert float(x["cell_seconds"]) > 0 and 0 <= float(x["int_acc"]) <= 100
+    assert len(_csv(out / "ptq.csv")) == 2 and len(_csv(out / "qat.csv")) == 2
+    r = run_script(*GRID, "--out", str(out), env={"OMP_NUM_THREADS": "1"})  # everything cached now
+    assert r.returncode == 0 and r.stdout.count(": cached") == 4 and "ran 0 cell(s)" in r.stdout
+    assert len(_csv(out / "results.csv")) == 4
+
+    md = (out / "RESULTS.md").read_text()
+    by = {(int(x["bits"]), x["method"]): x for x in rows}
+    full = _md_table(md, "Fashion-MNIST (synthetic data) | cnn | ", 3)
+    for method in ("ptq", "qat-lsq"):
+        line = full[("Fashion-MNIST (synthetic data)", "cnn", method)]
+        assert _pct(line[0]) == float(by[(4, "ptq")]["float_acc"])
+        assert [_pct(c) for c in line[1:]] == [float(by[(b, method)]["int_acc"]) for b in (4, 8)]
+    seed_rows = _md_table(md, "cnn_", 1)  # the seed-style table: columns 4, 6, 8 bits, cells 'ours / seed's'
+    for label, method in (("cnn_PTQ", "ptq"), ("cnn_QAT", "qat-lsq")):
+        for bits, cell in zip((4, 6, 8), seed_rows[(label,)]):
+            ours = cell.split(" / ")[0]
+            shown = bits in (4, 8) and (method == "ptq" or QAT.QAT_RECIPES[bits]["quantizer"] == "lsq")
+            assert (ours != "—") == shown, (label, bits, cell)
+            if shown:
+                assert _pct(ours) == float(by[(bits, method)]["int_acc"])
+    png = (out / "accuracy_vs_bits.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert "![accuracy against bits](accuracy_vs_bits.png)" in md
+    block = render_reproduce(out)
+    assert "**Fashion-MNIST (synthetic data)**" in block and "accuracy_vs_bits.png" in block
