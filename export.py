@@ -37,6 +37,7 @@ from models import build_model
 from PTQ import load_float_model, make_data
 from quant.export_tflite import MODES, TFLiteRunner, export_tflite, litert
 from utils.cli import CLIError, check_names, one_line_errors, set_seed
+from utils.io import append_csv_row, versions
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ckpt", default=None, help="float checkpoint (default: ckpt/<dataset>_<model>.pt)")
     p.add_argument("--dry-run", action="store_true", help="random weights and synthetic data, made on the fly; "
                                                           "needs --out")
+    p.add_argument("--results", default=None, help="CSV that --verify appends its row to (default: "
+                   "results/export_verify.csv; a --dry-run writes none unless given)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
     return p.parse_args(argv)
 
@@ -209,6 +212,13 @@ def main() -> int:
         if not args.float:
             row["xnnpack_delegated"] = res["delegated"]["xnnpack"]
     row["seconds"] = round(time.perf_counter() - t0, 1)
+    if args.verify and (not args.dry_run or args.results):
+        flat = {k: v for k, v in row.items() if not isinstance(v, dict)}
+        for k, v in row.items():
+            if isinstance(v, dict):
+                flat.update({f"{k.removesuffix('_by_mode')}_{mode}": v[mode] for mode in MODES})
+        append_csv_row(args.results or "results/export_verify.csv",
+                       {**flat, "int8_input": args.int8_input, "threads": args.threads, **versions()})
     if args.json:
         print(json.dumps(row))
     return 0

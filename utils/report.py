@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from utils.io import REPO_ROOT, atomic_write_bytes
+from utils.results_tables import render_reproduce
 
 DATASET_LABEL = {"fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10"}
 
@@ -111,20 +112,28 @@ def qat_bar(dataset: str, bits: int) -> float | None:
 
 def render_qat(results: Path) -> str:
     """QAT.py rows fine-tuned from the shipped checkpoints (per-channel, ref rounding): the latest per
-    data set, model, bits and quantizer, with the bar of issue #4 where it sets one."""
+    data set, model, bits and quantizer, with the bar of issue #4 where it sets one (for the default
+    quantizer of that bit width, QAT.QAT_RECIPES)."""
+    from QAT import QAT_RECIPES
+    default_quantizer = {b: r["quantizer"] for b, r in QAT_RECIPES.items()}
     latest: dict[tuple[str, str, int, str], dict[str, str]] = {}
     for r in read_rows(results / "qat.csv"):
         if (r["per_channel"] == "True" and r["rounding"] == "ref" and r["float_ckpt"].startswith("ckpt/")
                 and r["from_scratch"] == "False"):
             latest[(r["dataset"], r["model"], int(r["bits"]), r["quantizer"])] = r
     lines = ["| data set | model | bits | quantizer | epochs | lr | float | PTQ start | QAT fake-quant | integer engine "
-             "| Δ vs float | bar | fq/int agreement | wall time |",
+             "| Δ vs float | bar (default quantizer) | fq/int agreement | wall time |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (ds, model, bits, qz), r in sorted(latest.items(), key=lambda kv: (kv[0][0] != "fashion_mnist", kv[0][1],
                                                                           -kv[0][2], kv[0][3])):
         delta = float(r["int_acc"]) - float(r["float_acc"])
         bar = qat_bar(ds, bits)
-        bar_txt = "report" if bar is None else f"≥ −{bar:.1f} {'met' if delta >= -bar - 1e-9 else '**not met**'}"
+        if qz != default_quantizer.get(bits):
+            bar_txt = f"(default is {default_quantizer.get(bits)})"
+        elif bar is None:
+            bar_txt = "report"
+        else:
+            bar_txt = f"≥ −{bar:.1f} {'met' if delta >= -bar - 1e-9 else '**not met**'}"
         lines.append(f"| {dataset_label(ds, r.get('data_source', ''))} | {model} | {bits} | {qz} | {r['epochs']} "
                      f"| {r['lr']} | {float(r['float_acc']):.2f}% | {float(r['ptq_fq_acc']):.2f}% "
                      f"| {float(r['fq_acc']):.2f}% | {float(r['int_acc']):.2f}% | {delta:+.2f} | {bar_txt} "
@@ -144,9 +153,55 @@ def render_qat_epoch_time(results: Path) -> str:
     return "\n".join(lines)
 
 
+def render_export(results: Path) -> str:
+    """export.py --verify rows (integer models, b-bit clamps): the latest per data set, model and bits."""
+    latest = {(r["dataset"], r["model"], int(r["bits"])): r for r in read_rows(results / "export_verify.csv")
+              if r.get("match_ref") and r.get("clamp", "bits") == "bits" and r.get("int8_input") == "False"}
+    lines = ["| data set | model | bits | images | int8 logits equal: BUILTIN_REF | BUILTIN (ruy) | XNNPACK "
+             "| LiteRT accuracy (XNNPACK) | engine accuracy (ref rounding) | .tflite bytes |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for (ds, model, bits), r in sorted(latest.items(), key=lambda kv: (kv[0][0] != "fashion_mnist", kv[0][1], -kv[0][2])):
+        lines.append(f"| {dataset_label(ds, r.get('data_source', ''))} | {model} | {bits} | {int(r['images']):,} "
+                     f"| {float(r['match_ref']):.2f}% | {float(r['match_builtin']):.2f}% | {float(r['match_xnnpack']):.2f}% "
+                     f"| {float(r['tflite_acc']):.2f}% | {float(r['int_acc_ref']):.2f}% | {int(r['bytes']):,} |")
+    return "\n".join(lines)
+
+
+INFERENCE_BACKENDS = (("pytorch_fp32", "PyTorch fp32"), ("int_engine", "integer engine"),
+                      ("litert_fp32", "LiteRT fp32"), ("litert_int8", "LiteRT int8 (XNNPACK)"))
+
+
+def render_inference(results: Path) -> str:
+    """bench/inference.py: the latest run, per model and thread count, latency at batch 1 and throughput
+    at batch 256 for each backend, the int8 speed-up over PyTorch and the int8 / float file size."""
+    rows = read_rows(results / "inference_speed.csv")
+    if not rows:
+        return "(no rows yet: run python bench/inference.py)"
+    last = max(r["run_id"] for r in rows)
+    by = {(r["dataset"], r["model"], r["threads"], r["backend"]): r for r in rows if r["run_id"] == last}
+    head = " | ".join(f"{label}: ms/img b1, img/s b256" for _, label in INFERENCE_BACKENDS)
+    lines = [f"| data set | model | threads | {head} | LiteRT int8 vs PyTorch, b1 | int8 / fp32 .tflite bytes |",
+             "|---|---|---|" + "---|" * len(INFERENCE_BACKENDS) + "---|---|"]
+    keys = sorted({k[:3] for k in by}, key=lambda k: (k[0] != "fashion_mnist", k[1], k[2]))
+    for ds, model, threads in keys:
+        cells = []
+        for backend, _ in INFERENCE_BACKENDS:
+            r = by.get((ds, model, threads, backend))
+            cells.append(f"{float(r['latency_ms_b1']):.3f}, {float(r['img_per_s_b256']):,.0f}" if r else "—")
+        int8 = by.get((ds, model, threads, "litert_int8"), {})
+        lines.append(f"| {DATASET_LABEL[ds]} | {model} | {threads} | {' | '.join(cells)} "
+                     f"| {float(int8.get('speedup_b1_vs_pytorch') or 'nan'):.1f}× "
+                     f"| {float(int8.get('int8_over_float_bytes') or 'nan'):.3f} |")
+    lines.append(f"\nRun {last}, 1-minute load average at its start: {rows[-1].get('load_avg_1min', '?')} "
+                 f"on {rows[-1].get('cores', '?')} cores.")
+    return "\n".join(lines)
+
+
 RENDERERS: dict[str, Callable[[Path], str]] = {"train": render_train, "epoch_time": render_epoch_time,
                                                "ptq": render_ptq, "int_speed": render_int_speed,
-                                               "qat": render_qat, "qat_epoch_time": render_qat_epoch_time}
+                                               "qat": render_qat, "qat_epoch_time": render_qat_epoch_time,
+                                               "export": render_export, "inference": render_inference,
+                                               "reproduce": render_reproduce}
 
 
 def update_readme(readme: Path = REPO_ROOT / "README.md", results: Path = REPO_ROOT / "results") -> list[str]:
