@@ -117,7 +117,7 @@ class _LSQFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         outside = ctx.saved_tensors[0]
-        grad_x = grad.masked_fill(outside, 0.0) if ctx.needs_input_grad[0] else None
+        grad_x = torch.where(outside, 0.0, grad) if ctx.needs_input_grad[0] else None
         grad_s = None
         if ctx.needs_input_grad[1]:
             term = ctx.saved_tensors[1]
@@ -268,7 +268,17 @@ class _QWeighted(QModule):
             y = F.relu(y)
         if not self.training and self.requant != "float" and self._frozen():
             return self._runtime_output(x)
-        return self.act_quant(y)
+        return self._output_quant(y)
+
+    #: set by ``quant.transforms.quantize`` when a QMaxPool2d directly follows this layer: in training
+    #: mode the output quantizer then runs after the pooling (in the pool's forward), on a quarter of
+    #: the values. Exact in the forward (fake quantization is monotone, so it commutes with max); the
+    #: gradient goes to the true maximum of each window instead of the first of several equal
+    #: quantized values. Eval mode (calibration, evaluation) quantizes before pooling, as the runtime.
+    quantize_after_pool = False
+
+    def _output_quant(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.training and self.quantize_after_pool else self.act_quant(y)
 
     #: how the eval-mode output is rounded onto the output grid: 'float' (round(y / s_out), the usual
     #: fake quantization) or a runtime rounding ('ref', 'builtin', 'xnnpack'), set by ``quantize``
@@ -342,6 +352,11 @@ class QConv2d(_QWeighted):
         return cls(mods[0], cfg, relu=any(isinstance(m, nn.ReLU) for m in mods))
 
     def _op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        if w.stride() != self.weight.stride():
+            # fake quantization returns the weight in the default layout where a size-1 dimension makes
+            # it ambiguous (in_channels 1); give the conv the float weight's (channels-last) layout back,
+            # or it picks NCHW output and every later op runs several times slower
+            w = torch.empty_like(self.weight).copy_(w)
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
@@ -413,7 +428,7 @@ class QConvBNReLU(QConv2d):
         y = bn(z)                                          # batch statistics; updates the running ones
         if self.relu:
             y = F.relu(y)
-        return self.act_quant(y)
+        return self._output_quant(y)
 
 
 class QConvBN(QConvBNReLU):
@@ -483,9 +498,15 @@ class QMaxPool2d(QModule):
     def from_float(cls, mods: Sequence[nn.Module], cfg: QuantConfig) -> "QMaxPool2d":
         return cls(mods[0])
 
+    #: training mode: quantize the pooled values with the previous layer's output quantizer (see
+    #: ``_QWeighted.quantize_after_pool``); set by ``quant.transforms.quantize``
+    quantizes_input_after = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.max_pool2d(self._quant_input(x), self.kernel_size, self.stride, self.padding, self.dilation,
-                            self.ceil_mode)
+        after = self.training and self.quantizes_input_after
+        y = F.max_pool2d(x if after else self._quant_input(x), self.kernel_size, self.stride, self.padding,
+                         self.dilation, self.ceil_mode)
+        return self.input_fq(y) if after else y
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"

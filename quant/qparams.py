@@ -130,7 +130,7 @@ class _FakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         (outside,) = ctx.saved_tensors
-        return grad.masked_fill(outside, 0.0), None, None, None
+        return torch.where(outside, 0.0, grad), None, None, None
 
 
 def fake_quantize(x: torch.Tensor, qp: QParams) -> torch.Tensor:

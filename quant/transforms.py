@@ -22,7 +22,8 @@ import torch.nn as nn
 from quant.config import ROUNDINGS, QuantConfig
 from quant.errors import QuantError
 from quant.integer import Dequantize, IntModel, QuantizeInput, find_converter
-from quant.modules import PASS_THROUGH, QUANT_PATTERNS, FakeQuantize, QModule, _QWeighted, act_quantizer
+from quant.modules import PASS_THROUGH, QUANT_PATTERNS, FakeQuantize, QMaxPool2d, QModule, _QWeighted, \
+    act_quantizer
 
 SUPPORTED = "Conv2d, BatchNorm2d, Linear, ReLU, MaxPool2d, Flatten, Identity, Dropout"
 
@@ -109,7 +110,14 @@ def quantize(model: nn.Module, cfg: QuantConfig) -> nn.Module:
 def _link(qmodel: nn.Module, cfg: QuantConfig) -> None:
     """Give the first quantized layer the input quantizer and tell each layer which quantizer feeds it."""
     current: FakeQuantize | None = None
+    previous: nn.Module | None = None
     for _, m in leaves(qmodel):
+        if isinstance(m, nn.Identity):
+            continue  # what fusion left behind
+        if isinstance(m, QMaxPool2d) and isinstance(previous, _QWeighted):
+            # a layer's output straight into max pooling: QAT quantizes after the pooling (same values)
+            previous.quantize_after_pool = m.quantizes_input_after = True
+        previous = m
         if not isinstance(m, QModule):
             continue
         if current is None:

@@ -181,6 +181,21 @@ def test_lsq_fused_gradients_equal_plain_autograd(axis):
     assert s1.grad.shape == s0.shape and (s1.grad != 0).all()
 
 
+@pytest.mark.parametrize("quantizer", ["ste", "lsq"])
+def test_quantizing_after_the_pool_in_training_gives_the_same_values(quantizer):
+    """Conv(+BN)+ReLU directly before MaxPool2d: in training mode the output quantizer runs after the
+    pooling (a quarter of the values); fake quantization is monotone, so the forward is unchanged."""
+    qmodel = _qat_model(bits=4, quantizer=quantizer)
+    assert qmodel[0].quantize_after_pool and qmodel[3].quantizes_input_after
+    assert not qmodel[4].quantize_after_pool  # its output goes to Flatten
+    quant.set_act_observers(qmodel, False)
+    quant.set_bn_frozen(qmodel, True)
+    x = _batches(1, seed=7)[0][0]
+    deferred = qmodel(x)
+    qmodel[0].quantize_after_pool = qmodel[3].quantizes_input_after = False
+    assert torch.equal(qmodel(x), deferred)
+
+
 def test_lsq_weight_scales_per_channel_and_integer_model_uses_them():
     qmodel = _qat_model(bits=4, quantizer="lsq")
     conv = qmodel[0]
