@@ -122,8 +122,8 @@ def render_qat(results: Path) -> str:
                 and r["from_scratch"] == "False"):
             latest[(r["dataset"], r["model"], int(r["bits"]), r["quantizer"])] = r
     lines = ["| data set | model | bits | quantizer | epochs | lr | float | PTQ start | QAT fake-quant | integer engine "
-             "| Δ vs float | bar (default quantizer) | fq/int agreement | wall time |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| Δ vs float | bar (default quantizer) | fq/int agreement | wall time | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (ds, model, bits, qz), r in sorted(latest.items(), key=lambda kv: (kv[0][0] != "fashion_mnist", kv[0][1],
                                                                           -kv[0][2], kv[0][3])):
         delta = float(r["int_acc"]) - float(r["float_acc"])
@@ -137,7 +137,7 @@ def render_qat(results: Path) -> str:
         lines.append(f"| {dataset_label(ds, r.get('data_source', ''))} | {model} | {bits} | {qz} | {r['epochs']} "
                      f"| {r['lr']} | {float(r['float_acc']):.2f}% | {float(r['ptq_fq_acc']):.2f}% "
                      f"| {float(r['fq_acc']):.2f}% | {float(r['int_acc']):.2f}% | {delta:+.2f} | {bar_txt} "
-                     f"| {float(r['agreement']):.2f}% | {float(r['seconds']) / 60:.1f} min |")
+                     f"| {float(r['agreement']):.2f}% | {float(r['seconds']) / 60:.1f} min | {r['git_commit']} |")
     return "\n".join(lines)
 
 

@@ -104,14 +104,17 @@ def float_runs(runs: dict[Key, list[dict[str, str]]], dataset: str, model: str) 
     return (ptq or cells or [None])[-1]
 
 
+def default_quantizer(bits: int) -> str:
+    """QAT.py's default quantizer at ``bits`` now (QAT.QAT_RECIPES). A row's settings other than the
+    quantizer come from the same recipe, so the run of that quantizer is the default run."""
+    from QAT import QAT_RECIPES  # QAT.py imports torch and the data code: only when a table is made
+    return QAT_RECIPES[bits]["quantizer"]
+
+
 def default_qat(runs: dict[Key, list[dict[str, str]]], dataset: str, model: str,
                 bits: int) -> list[dict[str, str]] | None:
-    """The QAT runs with QAT.py's default quantizer at ``bits`` (as recorded in the row's recipe_quantizer)."""
-    for method in METHODS[1:]:
-        rs = runs.get((dataset, model, bits, method))
-        if rs and rs[-1]["quantizer"] == rs[-1].get("recipe_quantizer"):
-            return rs
-    return None
+    """The QAT runs with QAT.py's default quantizer at ``bits``."""
+    return runs.get((dataset, model, bits, f"qat-{default_quantizer(bits)}"))
 
 
 def seed_table(runs: dict[Key, list[dict[str, str]]], dataset: str) -> list[str]:
@@ -142,9 +145,9 @@ def seed_tables(runs: dict[Key, list[dict[str, str]]], heading: str) -> list[str
 
 
 def qat_default_note(runs: dict[Key, list[dict[str, str]]]) -> str:
-    """Which quantizer the 'QAT' rows show at each bit width, as recorded in the rows."""
-    recorded = {k[2]: rs[-1]["recipe_quantizer"] for k, rs in runs.items() if rs[-1].get("recipe_quantizer")}
-    per_bits = ", ".join(f"{recorded[b]} at {b} bits" for b in sorted(recorded, reverse=True))
+    """Which quantizer the 'QAT' rows show at each bit width."""
+    bits = sorted({k[2] for k in runs if k[3].startswith("qat")}, reverse=True)
+    per_bits = ", ".join(f"{default_quantizer(b)} at {b} bits" for b in bits)
     return f"QAT = QAT.py with its default recipe and quantizer at that bit width ({per_bits or 'none run'})."
 
 
