@@ -29,7 +29,7 @@ import torch
 
 import quant
 from PTQ import load_float_model, print_table, write_outputs
-from train import MODEL_RECIPES, RECIPES, check_matches, make_loaders, make_optimizer
+from train import check_matches, make_loaders, make_optimizer, model_recipe
 from utils.cli import RESUME_HINT, CLIError, check_names, one_line_errors, resolve_device, set_seed
 from utils.io import load_checkpoint, save_checkpoint, versions
 from utils.training import evaluate, train_epoch
@@ -96,7 +96,7 @@ def fill_recipe(args: argparse.Namespace) -> dict:
     if args.bits not in QAT_RECIPES:
         raise CLIError(f"--bits must be an integer in 2..8, got {args.bits}; pick a bit width from 2 to 8")
     check_names(args.dataset, args.model)
-    train_recipe = dict(RECIPES[args.dataset], **MODEL_RECIPES.get((args.dataset, args.model), {}))
+    train_recipe = model_recipe(args.dataset, args.model)
     cfg = dict(COMMON, **QAT_RECIPES[args.bits], label_smoothing=train_recipe["label_smoothing"],
                augment=train_recipe["augment"])
     if args.from_scratch:

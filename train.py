@@ -64,11 +64,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def model_recipe(dataset: str, model: str) -> dict:
+    """The default float training recipe of one model: its data set's, with MODEL_RECIPES over it."""
+    return dict(RECIPES[dataset], **MODEL_RECIPES.get((dataset, model), {}))
+
+
 def fill_recipe(args: argparse.Namespace) -> dict:
     """Validate names and merge the command line over the data set's recipe."""
     check_names(args.dataset, args.model)
-    cfg = dict(RECIPES[args.dataset], **MODEL_RECIPES.get((args.dataset, args.model), {}),
-               dataset=args.dataset, model=args.model, seed=args.seed)
+    cfg = dict(model_recipe(args.dataset, args.model), dataset=args.dataset, model=args.model, seed=args.seed)
     for key in ("optimizer", "sam_rho", "ema_decay", "epochs", "lr", "batch_size", "weight_decay", "label_smoothing", "augment"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)

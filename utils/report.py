@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from utils.io import REPO_ROOT, atomic_write_bytes
-from utils.results_tables import render_reproduce
+from utils.results_tables import default_quantizer, render_reproduce
 
 DATASET_LABEL = {"fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10"}
 
@@ -114,8 +114,6 @@ def render_qat(results: Path) -> str:
     """QAT.py rows fine-tuned from the shipped checkpoints (per-channel, ref rounding): the latest per
     data set, model, bits and quantizer, with the bar of issue #4 where it sets one (for the default
     quantizer of that bit width, QAT.QAT_RECIPES)."""
-    from QAT import QAT_RECIPES
-    default_quantizer = {b: r["quantizer"] for b, r in QAT_RECIPES.items()}
     latest: dict[tuple[str, str, int, str], dict[str, str]] = {}
     for r in read_rows(results / "qat.csv"):
         if (r["per_channel"] == "True" and r["rounding"] == "ref" and r["float_ckpt"].startswith("ckpt/")
@@ -128,8 +126,8 @@ def render_qat(results: Path) -> str:
                                                                           -kv[0][2], kv[0][3])):
         delta = float(r["int_acc"]) - float(r["float_acc"])
         bar = qat_bar(ds, bits)
-        if qz != default_quantizer.get(bits):
-            bar_txt = f"(default is {default_quantizer.get(bits)})"
+        if qz != default_quantizer(bits):
+            bar_txt = f"(default is {default_quantizer(bits)})"
         elif bar is None:
             bar_txt = "report"
         else:
