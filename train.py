@@ -46,7 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, help="training batch size (default: recipe, 128)")
     p.add_argument("--weight-decay", type=float, help="SGD weight decay (default: recipe, 5e-4)")
     p.add_argument("--label-smoothing", type=float, help="cross-entropy label smoothing (default: recipe)")
-    p.add_argument("--augment", help="comma list of crop<P>, flip; '' for none (default: recipe: "
+    p.add_argument("--augment", help="comma list of crop<P>, flip, erase<P> (random erasing, P%% of images); "
+                                     "'' for none (default: recipe: "
                                      "crop4,flip for cifar10; none for fashion_mnist cnn, flip for cnn_bn)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Iterator
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -38,13 +40,42 @@ def batch_crop(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
     return xp[n_idx, c_idx, rows, cols]
 
 
+def batch_erase(x: torch.Tensor, prob: float, gen: torch.Generator) -> torch.Tensor:
+    """Random erasing (Zhong et al. 2017): with probability ``prob`` per image, set one rectangle
+    to 0 (the data set mean after normalisation). Area 2%..40% of the image, aspect ratio 0.3..3.3
+    (log-uniform); a rectangle larger than the image is cut to it."""
+    n, _, h, w = x.shape
+    u = torch.rand(n, 5, generator=gen, device=gen.device).to(x.device)
+    area = (0.02 + 0.38 * u[:, 0]) * h * w
+    aspect = torch.exp(math.log(0.3) + (math.log(1 / 0.3) - math.log(0.3)) * u[:, 1])
+    eh = torch.sqrt(area * aspect).round().clamp(1, h)
+    ew = torch.sqrt(area / aspect).round().clamp(1, w)
+    top = (u[:, 2] * (h - eh + 1)).floor()
+    left = (u[:, 3] * (w - ew + 1)).floor()
+    rows = torch.arange(h, device=x.device).view(1, h, 1)
+    cols = torch.arange(w, device=x.device).view(1, 1, w)
+    inside = ((rows >= top.view(-1, 1, 1)) & (rows < (top + eh).view(-1, 1, 1))
+              & (cols >= left.view(-1, 1, 1)) & (cols < (left + ew).view(-1, 1, 1)))
+    inside &= (u[:, 4] < prob).view(-1, 1, 1)
+    return x.masked_fill(inside.unsqueeze(1), 0.0)
+
+
+def apply_op(x: torch.Tensor, op: str, arg: int, gen: torch.Generator) -> torch.Tensor:
+    if op == "flip":
+        return batch_flip(x, gen)
+    if op == "crop":
+        return batch_crop(x, arg, gen)
+    return batch_erase(x, arg / 100, gen)
+
+
 class Loader:
     """``for x, y in loader`` over a data set held in memory.
 
     images: uint8 (N, C, H, W); labels: int64 (N,). Images are normalised once
     at construction and moved to ``device``. ``augment`` is a string of
-    comma-separated ops applied per batch: ``crop<P>`` (random crop with P-pixel
-    reflect padding) and ``flip``; "" for none. Shuffling and augmentation use
+    comma-separated ops applied per batch, in order: ``crop<P>`` (random crop with P-pixel
+    reflect padding), ``flip`` and ``erase<P>`` (random erasing of one rectangle with
+    probability P%); "" for none. Shuffling and augmentation use
     a generator seeded with ``seed + epoch`` (``set_epoch``), so a resumed run
     sees the same batches as an uninterrupted one.
     """
@@ -81,18 +112,21 @@ class Loader:
                 idx = order[sl]
                 x, y = self.x[idx], self.y[idx]
             for op, arg in self.ops:
-                x = batch_flip(x, gen) if op == "flip" else batch_crop(x, arg, gen)
+                x = apply_op(x, op, arg, gen)
             yield x, y
 
 
 def parse_augment(spec: str) -> list[tuple[str, int]]:
-    """'crop4,flip' -> [('crop', 4), ('flip', 0)]; raises ValueError on unknown ops."""
+    """'crop4,flip,erase50' -> [('crop', 4), ('flip', 0), ('erase', 50)]; raises ValueError on unknown ops."""
     ops = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
         if part == "flip":
             ops.append(("flip", 0))
         elif part.startswith("crop") and part[4:].isdigit() and int(part[4:]) > 0:
             ops.append(("crop", int(part[4:])))
+        elif part.startswith("erase") and part[5:].isdigit() and 0 < int(part[5:]) <= 100:
+            ops.append(("erase", int(part[5:])))
         else:
-            raise ValueError(f"unknown augmentation {part!r}; use a comma list of 'flip' and 'crop<P>' (e.g. crop4,flip) or ''")
+            raise ValueError(f"unknown augmentation {part!r}; use a comma list of 'flip', 'crop<P>' (pixels) and "
+                             f"'erase<P>' (percent, 1..100), e.g. crop4,flip, or ''")
     return ops

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from data import DataError, Loader, load_split, synthetic_split
-from data.loader import batch_crop, batch_flip, parse_augment
+from data.loader import batch_crop, batch_erase, batch_flip, parse_augment
 from tests.conftest import real_split
 
 EXPECTED = {"fashion_mnist": ((1, 28, 28), {"train": 60000, "test": 10000}),
@@ -64,6 +64,29 @@ def test_crop_and_flip_move_pixels():
         centre = x[i % 2, 0, 2:6, 2:6]
         windows = cropped[i, 0].unfold(0, 4, 1).unfold(1, 4, 1).reshape(-1, 4, 4)
         assert any(torch.equal(w, centre) for w in windows)
+
+
+def test_random_erasing_blanks_one_rectangle():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 1, 28, 28) + 10  # no pixel is 0 before erasing
+    out = batch_erase(x, 0.5, g)
+    erased = out == 0
+    counts = erased.flatten(1).sum(1)
+    assert 150 < int((counts > 0).sum()) < 250  # about half the images
+    assert torch.equal(out[~erased], x[~erased])  # everything else untouched
+    for i in torch.nonzero(counts).flatten()[:50].tolist():
+        rows, cols = erased[i, 0].any(1).nonzero().flatten(), erased[i, 0].any(0).nonzero().flatten()
+        h, w = len(rows), len(cols)
+        assert int(counts[i]) == h * w  # one solid rectangle
+        assert rows[-1] - rows[0] + 1 == h and cols[-1] - cols[0] + 1 == w
+        assert h * w <= 0.4 * 784 * 1.2 + 28
+    assert 0.12 < counts[counts > 0].float().mean().item() / 784 < 0.3  # area ratio uniform in 2%..40%
+    assert torch.equal(batch_erase(x, 1.0, torch.Generator().manual_seed(1)),
+                       batch_erase(x, 1.0, torch.Generator().manual_seed(1)))
+    assert parse_augment("flip,erase25") == [("flip", 0), ("erase", 25)]
+    for bad in ("erase0", "erase101", "erase"):
+        with pytest.raises(ValueError, match="unknown augmentation"):
+            parse_augment(bad)
 
 
 def test_shuffle_is_seeded_per_epoch():

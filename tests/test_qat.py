@@ -249,3 +249,16 @@ def test_missing_checkpoint_names_the_train_command(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
     r = run_script("QAT.py", "--bits", "9", "--dry-run")
     assert r.returncode == 2 and "2..8" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_recipe_augmentation_fine_tuning_uses_the_data_sets_from_scratch_the_models():
+    import QAT
+    import train
+
+    def cfg(*argv):
+        return QAT.fill_recipe(QAT.parse_args(["--dataset", "fashion_mnist", "--model", "cnn_bn", "--bits", "4", *argv]))
+
+    assert train.model_recipe("fashion_mnist", "cnn_bn")["augment"] != train.RECIPES["fashion_mnist"]["augment"]
+    assert cfg()["augment"] == train.RECIPES["fashion_mnist"]["augment"]
+    assert cfg("--from-scratch")["augment"] == train.model_recipe("fashion_mnist", "cnn_bn")["augment"]
+    assert cfg("--augment", "flip,erase20")["augment"] == "flip,erase20"

@@ -10,7 +10,7 @@ import reproduce
 from reproduce import Cell, cell_settings, parse_bits, settings_hash
 from tests.conftest import run_script
 from utils.cli import CLIError
-from utils.results_tables import render_reproduce, render_results_md
+from utils.results_tables import bn_vs_plain_table, render_reproduce, render_results_md, select_runs
 
 GRID = ("reproduce.py", "--dry-run", "--datasets", "fashion_mnist", "--models", "cnn", "--bits", "4,8",
         "--methods", "ptq,qat-lsq", "--epochs", "1", "--device", "cpu")
@@ -86,6 +86,22 @@ def test_render_results_md_exact_tables():
             "| 100.00% | 30 s |") in md
     assert "QAT = QAT.py with its default recipe and quantizer at that bit width (lsq at 4 bits)" in md
     assert "Wall time of the 5 runs above: 2.5 min in all" in md and "50.00" not in md
+
+
+def test_bn_vs_plain_table_compares_seed_means_of_the_default_quantizer():
+    rows = [_row("fashion_mnist", "cnn", 4, "qat-lsq", 0, 90.5, group="a"),
+            _row("fashion_mnist", "cnn", 4, "qat-lsq", 1, 90.9, group="a"),
+            _row("fashion_mnist", "cnn_bn", 4, "qat-lsq", 0, 90.6, group="b"),
+            _row("fashion_mnist", "cnn_bn", 4, "qat-ste", 0, 99.0, group="c"),  # not the 4-bit default
+            _row("fashion_mnist", "cnn", 8, "qat-ste", 0, 91.3, group="d"),
+            _row("fashion_mnist", "cnn_bn", 8, "qat-ste", 0, 91.5, group="e"),
+            _row("cifar10", "cnn", 4, "qat-lsq", 0, 76.0, group="f", source="jpeg-copy")]  # no cnn_bn: no line
+    assert bn_vs_plain_table(select_runs(rows)) == [
+        "| data set | bits | quantizer | cnn | cnn_bn | cnn_bn − cnn (means) | cnn_bn ≥ cnn |",
+        "|---|---|---|---|---|---|---|",
+        "| Fashion-MNIST | 8 | ste | 91.30% | 91.50% | +0.20 | yes |",
+        "| Fashion-MNIST | 4 | lsq (2 / 1 seeds) | 90.70 ± 0.28% | 90.60% | -0.10 | **no** |"]
+    assert bn_vs_plain_table(select_runs(rows[-1:])) == []
 
 
 def _csv(path):

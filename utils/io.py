@@ -98,10 +98,16 @@ def append_csv_row(path: str | Path, row: dict[str, Any]) -> None:
 
 
 def versions() -> dict[str, str]:
-    """torch / python versions and the git commit, for checkpoints and result rows."""
+    """torch / python versions and the git commit, for checkpoints and result rows. The commit gets a
+    "+dirty" suffix when tracked files other than results/ and ckpt/ differ from it, i.e. the code
+    that ran is not exactly that commit's."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                                 text=True, timeout=5).stdout.strip() or "unknown"
+        if commit != "unknown" and subprocess.run(
+                ["git", "diff", "--quiet", "HEAD", "--", ".", ":(exclude)results", ":(exclude)ckpt"],
+                cwd=REPO_ROOT, capture_output=True, timeout=5).returncode == 1:
+            commit += "+dirty"
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
     return {"torch": torch.__version__, "python": platform.python_version(), "git_commit": commit}

@@ -113,11 +113,12 @@ def qat_bar(dataset: str, bits: int) -> float | None:
 def render_qat(results: Path) -> str:
     """QAT.py rows fine-tuned from the shipped checkpoints (per-channel, ref rounding): the latest per
     data set, model, bits and quantizer, with the bar of issue #4 where it sets one (for the default
-    quantizer of that bit width, QAT.QAT_RECIPES)."""
+    quantizer of that bit width, QAT.QAT_RECIPES). Seed 0 only, the default command's: reproduce.py
+    --seeds N adds rows of other seeds, which RESULTS.md averages."""
     latest: dict[tuple[str, str, int, str], dict[str, str]] = {}
     for r in read_rows(results / "qat.csv"):
         if (r["per_channel"] == "True" and r["rounding"] == "ref" and r["float_ckpt"].startswith("ckpt/")
-                and r["from_scratch"] == "False"):
+                and r["from_scratch"] == "False" and r["seed"] == "0"):
             latest[(r["dataset"], r["model"], int(r["bits"]), r["quantizer"])] = r
     lines = ["| data set | model | bits | quantizer | epochs | lr | float | PTQ start | QAT fake-quant | integer engine "
              "| Δ vs float | bar (default quantizer) | fq/int agreement | wall time | commit |",

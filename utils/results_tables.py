@@ -136,6 +136,24 @@ def seed_table(runs: dict[Key, list[dict[str, str]]], dataset: str) -> list[str]
     return lines + ["", "float model: " + ", ".join(floats)]
 
 
+def bn_vs_plain_table(runs: dict[Key, list[dict[str, str]]]) -> list[str]:
+    """cnn_bn against cnn after QAT with the default quantizer, at every bit width where both ran: the
+    mean integer accuracy over the seeds run, and whether cnn_bn is at least as good (issue #4)."""
+    lines = ["| data set | bits | quantizer | cnn | cnn_bn | cnn_bn − cnn (means) | cnn_bn ≥ cnn |",
+             "|---|---|---|---|---|---|---|"]
+    for dataset in _order([k[0] for k in runs], DATASET_ORDER):
+        for bits in sorted({k[2] for k in runs if k[0] == dataset}, reverse=True):
+            plain, bn = default_qat(runs, dataset, "cnn", bits), default_qat(runs, dataset, "cnn_bn", bits)
+            if not plain or not bn:
+                continue
+            diff = (statistics.fmean(float(r["int_acc"]) for r in bn)
+                    - statistics.fmean(float(r["int_acc"]) for r in plain))
+            seeds = "" if len(plain) == len(bn) == 1 else f" ({len(plain)} / {len(bn)} seeds)"
+            lines.append(f"| {dataset_title(dataset, runs)} | {bits} | {default_quantizer(bits)}{seeds} "
+                         f"| {fmt_acc(plain)} | {fmt_acc(bn)} | {diff:+.2f} | {'yes' if diff >= -1e-9 else '**no**'} |")
+    return lines if len(lines) > 2 else []
+
+
 def seed_tables(runs: dict[Key, list[dict[str, str]]], heading: str) -> list[str]:
     """The seed-style table of every data set in the rows, each under ``heading.format(its title)``."""
     out: list[str] = []
@@ -201,6 +219,9 @@ def render_results_md(rows: list[dict[str, str]], plot_name: str = PLOT_NAME) ->
            "## Every bit width and method", "",
            "Integer-engine test accuracy (ptq: PTQ.py; qat-ste / qat-lsq: QAT.py with that quantizer).", "",
            *full_table(runs), "",
+           "## cnn_bn against cnn after QAT", "",
+           "Default QAT quantizer at each bit width; several seeds give mean ± sample std.", "",
+           *bn_vs_plain_table(runs), "",
            "## Every run", "",
            *runs_table(runs), "",
            f"Wall time of the {n_runs} runs above: {total / 60:.1f} min in all (each run a separate process, "
@@ -218,6 +239,8 @@ def render_reproduce(results_dir: Path) -> str:
     return "\n".join([f"Test accuracy of the integer-only engine; each cell: **this project / {SEED_SOURCE}**. "
                       + qat_default_note(runs), "", *seed_tables(runs, "**{}**"),
                       f"![accuracy against bits]({rel}/{PLOT_NAME})", "",
+                      "cnn_bn against cnn after QAT (default quantizer; mean ± std where several seeds ran):", "",
+                      *bn_vs_plain_table(runs), "",
                       f"Both QAT quantizers, every bit width run, and each run's settings and wall time: "
                       f"[{rel}/RESULTS.md]({rel}/RESULTS.md), generated from `{rel}/results.csv` by "
                       "`python reproduce.py`."])
