@@ -1,9 +1,8 @@
 """In-memory batch loader: normalise once, augment whole batches with tensor ops."""
 from __future__ import annotations
 
-from typing import Iterator
-
 import math
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
