@@ -50,7 +50,8 @@ QAT_RECIPES = {
     3: dict(quantizer="lsq", epochs=4, lr=1e-2, weight_decay=5e-5, freeze_bn=0.6, freeze_observers=0.6),
     2: dict(quantizer="lsq", epochs=6, lr=1e-2, weight_decay=0.0, freeze_bn=0.6, freeze_observers=0.6),
 }
-COMMON = dict(optimizer="sgd", momentum=0.9, batch_size=128, observer="mse", calib_batches=32, ema_momentum=0.99)
+COMMON = dict(optimizer="sgd", momentum=0.9, batch_size=128, observer="mse", calib_batches=32, ema_momentum=0.99,
+              kd_weight=0.0, kd_temp=1.0, bn_momentum=None)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,6 +72,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--augment", help="training augmentation, as train.py's --augment (default: the data set's "
                    "float recipe, train.RECIPES: none for fashion_mnist, crop4,flip for cifar10; with --from-scratch "
                    "the model's own, train.model_recipe)")
+    p.add_argument("--kd-weight", type=float, help="weight, 0..1, of distilling the float model's logits into the "
+                   "quantized one (train.py's --kd-weight; the float checkpoint is the teacher) "
+                   f"(default: QAT_RECIPES, else {COMMON['kd_weight']})")
+    p.add_argument("--kd-temp", type=float, help=f"distillation temperature (default: {COMMON['kd_temp']})")
+    p.add_argument("--bn-momentum", type=float, help="PyTorch momentum of the BN running statistics during QAT, "
+                   "before the BN freeze (default: QAT_RECIPES, else the float model's, 0.1)")
     p.add_argument("--observer", help=f"calibration (PTQ init) observer: mse, minmax or ema (default: {COMMON['observer']})")
     p.add_argument("--calib-batches", type=int, help=f"training batches for calibration (default: {COMMON['calib_batches']})")
     p.add_argument("--rounding", default="ref", help="integer requantization: ref, builtin or xnnpack (default: %(default)s)")
@@ -104,13 +111,20 @@ def fill_recipe(args: argparse.Namespace) -> dict:
     # costs accuracy there (Fashion-MNIST cnn_bn, 4 bits lsq: 91.18% without flips, 90.84% with).
     cfg = dict(COMMON, **QAT_RECIPES[args.bits], label_smoothing=train_recipe["label_smoothing"],
                augment=RECIPES[args.dataset]["augment"])
-    if args.from_scratch:
+    if args.from_scratch:  # (no trained float model to distil)
         cfg.update(epochs=train_recipe["epochs"], lr=train_recipe["lr"], weight_decay=train_recipe["weight_decay"],
-                   augment=train_recipe["augment"])
+                   augment=train_recipe["augment"], kd_weight=0.0)
     cfg.update(dataset=args.dataset, model=args.model, bits=args.bits, seed=args.seed, from_scratch=args.from_scratch)
-    for key in ("quantizer", "epochs", "lr", "weight_decay", "batch_size", "observer", "calib_batches", "augment"):
+    for key in ("quantizer", "epochs", "lr", "weight_decay", "batch_size", "observer", "calib_batches", "augment",
+                "kd_weight", "kd_temp", "bn_momentum"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
+    if not 0 <= cfg["kd_weight"] <= 1 or cfg["kd_temp"] <= 0:
+        raise CLIError("--kd-weight must be in [0, 1] and --kd-temp > 0")
+    if cfg["kd_weight"] > 0 and args.from_scratch:
+        raise CLIError("--from-scratch has no trained float model to distil; pass --kd-weight 0")
+    if cfg["bn_momentum"] is not None and not 0 < cfg["bn_momentum"] <= 1:
+        raise CLIError(f"--bn-momentum must be in (0, 1], got {cfg['bn_momentum']}; PyTorch's default is 0.1")
     if args.dry_run and args.epochs is None:
         cfg["epochs"] = 1
     if cfg["epochs"] < 1 or cfg["lr"] <= 0 or cfg["batch_size"] < 1:
@@ -178,6 +192,8 @@ def main() -> int:
     model = model.to(device).to(memory_format=torch.channels_last)  # faster convolutions on CPU
     train, test = make_loaders(cfg, args, device)
     qmodel = build_qat_model(model, qcfg, qat_cfg, train)
+    if cfg["bn_momentum"] is not None:
+        quant.set_bn_momentum(qmodel, cfg["bn_momentum"])
     opt, sched = make_optimizer(qmodel, cfg, len(train))
 
     start, metrics, ran = 0, {}, False
@@ -204,7 +220,8 @@ def main() -> int:
             break
         train.set_epoch(epoch)
         metrics = train_epoch(qmodel, train, opt, sched, device, cfg["label_smoothing"],
-                              desc=f"qat {epoch + 1}/{cfg['epochs']}", after_step=schedule.after_step)
+                              desc=f"qat {epoch + 1}/{cfg['epochs']}", after_step=schedule.after_step,
+                              teacher=model, kd_weight=cfg["kd_weight"], kd_temp=cfg["kd_temp"])
         metrics.update(eval_fq(qmodel, test, device))
         metrics["epoch"], metrics["ptq_fq_acc"], ran = epoch + 1, ptq_acc, True
         frozen = [name for name, s in (("bn", schedule.bn_step), ("ranges", schedule.obs_step)) if schedule.step >= s]
@@ -228,7 +245,8 @@ def main() -> int:
     row = {"dataset": args.dataset, "model": args.model, "bits": args.bits, **qcfg.to_dict(), "tag": qcfg.tag,
            "calib_batch_size": cfg["batch_size"], "seed": args.seed, "method": "qat",
            **{k: cfg[k] for k in ("quantizer", "epochs", "lr", "weight_decay", "momentum", "batch_size",
-                                  "freeze_bn", "freeze_observers", "from_scratch", "augment")},
+                                  "freeze_bn", "freeze_observers", "from_scratch", "augment",
+                                  "kd_weight", "kd_temp", "bn_momentum")},
            "ptq_fq_acc": round(ptq_acc, 2), "float_acc": round(res["float_acc"], 2), "fq_acc": round(res["fq_acc"], 2),
            "int_acc": round(res["int_acc"], 2), "agreement": round(res["agreement"], 3),
            "int_seconds": round(res["int_seconds"], 2), "float_seconds": round(res["float_seconds"], 2),

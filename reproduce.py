@@ -49,6 +49,9 @@ FULL = dict(datasets=",".join(DATASETS), models=",".join(MODELS), bits=BITS, met
             out="results")
 #: flags of PTQ.py / QAT.py that say where or how to run, not what is computed: left out of a cell's hash
 NOT_SETTINGS = ("device", "data_root", "ckpt", "out", "results", "json", "resume", "stop_after")
+#: settings added to QAT.py after cells were cached, at the values that compute what the code did before
+#: they existed: left out of the hash at exactly these values, so those cells stay cached
+NEUTRAL_SETTINGS = {"kd_weight": 0.0, "kd_temp": 1.0, "bn_momentum": None}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -164,7 +167,8 @@ def cell_settings(cell: Cell, epochs: int | None, dry_run: bool, float_id: str) 
     else:
         ns = QAT.parse_args(flags)
         settings = {**vars(ns), **QAT.fill_recipe(ns)}
-    settings = {k: v for k, v in settings.items() if k not in NOT_SETTINGS}
+    settings = {k: v for k, v in settings.items()
+                if k not in NOT_SETTINGS and not (k in NEUTRAL_SETTINGS and v == NEUTRAL_SETTINGS[k])}
     return {"script": "PTQ.py" if cell.method == "ptq" else "QAT.py", "method": cell.method, **settings,
             "float_ckpt": float_id}
 

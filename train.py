@@ -18,16 +18,18 @@ from data import Loader, get_loaders, synthetic_split
 from models import build_model
 from utils.cli import RESUME_HINT, CLIError, check_names, one_line_errors, resolve_device, set_seed
 from utils.io import append_csv_row, load_checkpoint, save_checkpoint, versions
-from utils.training import evaluate, train_epoch
+from utils.training import Ensemble, evaluate, train_epoch
 
 # The default recipe per data set (every value can be overridden on the command line), and the
 # per-model changes to it. Fashion-MNIST: the models fit the training set (96-98%) long before the test
 # accuracy stops rising, so they train longer; cnn_bn overfits most and gets horizontal flips.
 RECIPES = {
     "fashion_mnist": dict(optimizer="sgd", sam_rho=0.0, ema_decay=0.0, epochs=60, lr=0.05, batch_size=128,
-                          weight_decay=5e-4, momentum=0.9, label_smoothing=0.1, augment=""),
+                          weight_decay=5e-4, momentum=0.9, label_smoothing=0.1, augment="",
+                          teacher="", kd_weight=0.0, kd_temp=4.0),
     "cifar10": dict(optimizer="sgd", sam_rho=0.0, ema_decay=0.0, epochs=40, lr=0.05, batch_size=128,
-                    weight_decay=5e-4, momentum=0.9, label_smoothing=0.0, augment="crop4,flip"),
+                    weight_decay=5e-4, momentum=0.9, label_smoothing=0.0, augment="crop4,flip",
+                    teacher="", kd_weight=0.0, kd_temp=4.0),
 }
 MODEL_RECIPES = {("fashion_mnist", "cnn_bn"): dict(augment="flip")}
 
@@ -49,6 +51,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--augment", help="comma list of crop<P>, flip, erase<P> (random erasing, P%% of images); "
                                      "'' for none (default: recipe: "
                                      "crop4,flip for cifar10; none for fashion_mnist cnn, flip for cnn_bn)")
+    p.add_argument("--teacher", help="comma list of float checkpoints of the same data set whose mean logits are "
+                                     "distilled into the model; '' for none (default: recipe)")
+    p.add_argument("--kd-weight", type=float, help="weight of the distillation term, 0..1 (default: recipe)")
+    p.add_argument("--kd-temp", type=float, help="distillation temperature (default: recipe, 4)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
     p.add_argument("--data-root", default=None, help="data directory (default: $QDNN_DATA_ROOT, else datasets/)")
@@ -74,16 +80,41 @@ def fill_recipe(args: argparse.Namespace) -> dict:
     """Validate names and merge the command line over the data set's recipe."""
     check_names(args.dataset, args.model)
     cfg = dict(model_recipe(args.dataset, args.model), dataset=args.dataset, model=args.model, seed=args.seed)
-    for key in ("optimizer", "sam_rho", "ema_decay", "epochs", "lr", "batch_size", "weight_decay", "label_smoothing", "augment"):
+    for key in ("optimizer", "sam_rho", "ema_decay", "epochs", "lr", "batch_size", "weight_decay", "label_smoothing", "augment",
+                "teacher", "kd_weight", "kd_temp"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     if args.dry_run and args.epochs is None:
         cfg["epochs"] = 1
+    if not 0 <= cfg["kd_weight"] <= 1 or cfg["kd_temp"] <= 0:
+        raise CLIError("--kd-weight must be in [0, 1] and --kd-temp > 0")
+    if cfg["kd_weight"] > 0 and not cfg["teacher"]:
+        raise CLIError("--kd-weight > 0 needs a --teacher checkpoint (or pass --kd-weight 0)")
+    if cfg["kd_weight"] > 0 and cfg["sam_rho"] > 0:
+        raise CLIError("distillation and SAM steps do not combine; pass --sam-rho 0 or --kd-weight 0")
     if cfg["optimizer"] not in ("sgd", "adamw"):
         raise CLIError(f"unknown --optimizer {cfg['optimizer']!r}; use sgd or adamw")
     if cfg["epochs"] < 1 or cfg["lr"] <= 0 or cfg["batch_size"] < 1:
         raise CLIError("--epochs and --batch-size must be >= 1 and --lr > 0")
     return cfg
+
+
+def load_teacher(cfg: dict, device: torch.device) -> torch.nn.Module | None:
+    """The distillation teacher of ``cfg`` (mean of its checkpoints' logits), or None without distillation."""
+    if cfg["kd_weight"] <= 0:
+        return None
+    members = []
+    for path in cfg["teacher"].split(","):
+        ckpt = load_checkpoint(path.strip(), "train the teacher first, e.g. python train.py --dataset "
+                                             f"{cfg['dataset']} --model cnn_bn")
+        got = ckpt.get("config", {})
+        if got.get("dataset") != cfg["dataset"] or got.get("model") is None:
+            raise CLIError(f"teacher {path} holds {got.get('dataset')}/{got.get('model')}, not a {cfg['dataset']} model; "
+                           f"pass a {cfg['dataset']} checkpoint to --teacher")
+        member = build_model(got["model"], cfg["dataset"])
+        member.load_state_dict(ckpt["model"])
+        members.append(member)
+    return Ensemble(members).to(device).to(memory_format=torch.channels_last)
 
 
 def make_loaders(cfg: dict, args: argparse.Namespace, device: torch.device) -> tuple[Loader, Loader]:
@@ -154,6 +185,7 @@ def main() -> int:
     train, test = make_loaders(cfg, args, device)
     opt, sched = make_optimizer(model, cfg, len(train))
     ema = make_ema(model, cfg["ema_decay"])
+    teacher = load_teacher(cfg, device)
     final = model if ema is None else ema.module  # the weights that are evaluated and shipped
     start, metrics, t_start, ran = 0, {}, time.perf_counter(), False
     if args.resume:
@@ -179,7 +211,8 @@ def main() -> int:
         metrics = train_epoch(model, train, opt, sched, device, cfg["label_smoothing"],
                               desc=f"epoch {epoch + 1}/{cfg['epochs']}",
                               after_step=None if ema is None else lambda: ema.update_parameters(model),
-                              sam_rho=cfg["sam_rho"])
+                              sam_rho=cfg["sam_rho"], teacher=teacher, kd_weight=cfg["kd_weight"],
+                              kd_temp=cfg["kd_temp"])
         metrics.update(evaluate(final, test, device))
         metrics["epoch"], ran = epoch + 1, True
         print(f"epoch {epoch + 1:3d}/{cfg['epochs']}  loss {metrics['train_loss']:.4f}  "

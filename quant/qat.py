@@ -51,6 +51,16 @@ def set_bn_frozen(model: nn.Module, frozen: bool) -> None:
             m.bn_frozen = frozen
 
 
+def set_bn_momentum(model: nn.Module, momentum: float) -> None:
+    """PyTorch momentum of the running statistics of every fused Conv+BN layer during QAT
+    (running = (1 - momentum) * running + momentum * batch)."""
+    if not 0 < momentum <= 1:
+        raise QuantError(f"BN momentum must be in (0, 1], got {momentum!r}; PyTorch's default is 0.1")
+    for m in model.modules():
+        if isinstance(m, QConvBNReLU):
+            m.bn.momentum = momentum
+
+
 @contextlib.contextmanager
 def frozen_act_observers(model: nn.Module) -> Iterator[nn.Module]:
     """Evaluate without moving any range: activation observers frozen inside, restored on exit."""

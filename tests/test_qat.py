@@ -196,6 +196,22 @@ def test_quantizing_after_the_pool_in_training_gives_the_same_values(quantizer):
     assert torch.equal(qmodel(x), deferred)
 
 
+def test_ema_ranges_after_the_pool_equal_those_before_it():
+    """ste in training mode: the EMA observer of a layer before a max pool sees the pooled values. Their
+    maximum is the same and every range holds 0, so the ranges (qparams) equal those of the unpooled
+    tensor after several steps."""
+    import copy
+    deferred = _qat_model(bits=4, quantizer="ste")
+    plain = copy.deepcopy(deferred)
+    plain[0].quantize_after_pool = plain[3].quantizes_input_after = False
+    for x, _ in _batches(3, seed=11):
+        with torch.no_grad():
+            torch.testing.assert_close(deferred(x), plain(x), rtol=0, atol=0)
+    a, b = deferred[0].act_quant.qparams(), plain[0].act_quant.qparams()
+    assert torch.equal(a.scale, b.scale) and torch.equal(a.zero_point, b.zero_point)
+    assert not deferred[0].act_quant.observer.frozen
+
+
 def test_lsq_weight_scales_per_channel_and_integer_model_uses_them():
     qmodel = _qat_model(bits=4, quantizer="lsq")
     conv = qmodel[0]
@@ -262,3 +278,40 @@ def test_recipe_augmentation_fine_tuning_uses_the_data_sets_from_scratch_the_mod
     assert cfg()["augment"] == train.RECIPES["fashion_mnist"]["augment"]
     assert cfg("--from-scratch")["augment"] == train.model_recipe("fashion_mnist", "cnn_bn")["augment"]
     assert cfg("--augment", "flip,erase20")["augment"] == "flip,erase20"
+
+
+def test_bn_momentum_sets_the_running_statistics_update():
+    qmodel = _qat_model(quantizer="lsq")
+    bn = qmodel[0].bn
+    quant.set_bn_momentum(qmodel, 0.01)
+    x, _ = _batches(1, seed=3)[0]
+    before, seen = bn.running_mean.clone(), []
+    hook = bn.register_forward_hook(lambda m, inp, out: seen.append(inp[0].mean((0, 2, 3))))
+    with torch.no_grad():
+        qmodel.train()(x)
+    hook.remove()
+    torch.testing.assert_close(bn.running_mean, 0.99 * before + 0.01 * seen[0])
+    with pytest.raises(quant.QuantError, match="BN momentum must be in"):
+        quant.set_bn_momentum(qmodel, 0.0)
+
+
+def test_distillation_flags_recorded_and_checked(tmp_path):
+    import QAT
+
+    def cfg(*argv):
+        return QAT.fill_recipe(QAT.parse_args(["--bits", "4", *argv]))
+
+    assert cfg()["kd_weight"] == QAT.COMMON["kd_weight"] and cfg()["bn_momentum"] is None
+    c = cfg("--kd-weight", "0.5", "--kd-temp", "2", "--bn-momentum", "0.02")
+    assert (c["kd_weight"], c["kd_temp"], c["bn_momentum"]) == (0.5, 2.0, 0.02)
+    csv_path = tmp_path / "qat.csv"
+    r = run_script("QAT.py", "--dry-run", "--device", "cpu", "--model", "cnn_bn", "--bits", "4", "--calib-batches", "2",
+                   "--kd-weight", "0.5", "--bn-momentum", "0.02", "--results", str(csv_path), "--json")
+    assert r.returncode == 0, r.stderr
+    row = json.loads(r.stdout.strip().splitlines()[-1])
+    assert row["kd_weight"] == 0.5 and row["bn_momentum"] == 0.02 and row["agreement"] == 100.0
+    for argv, expected in ((("--from-scratch", "--kd-weight", "0.5"), "no trained float model to distil"),
+                           (("--bn-momentum", "1.5"), "--bn-momentum must be in (0, 1]")):
+        r = run_script("QAT.py", "--dry-run", "--device", "cpu", *argv)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and expected in lines[0], (argv, r.stderr)

@@ -29,6 +29,10 @@ def test_cell_settings_follow_recipe_and_checkpoint_not_device(monkeypatch):
     assert settings_hash(cell_settings(cell, None, False, "sha1:bb")) != settings_hash(base)  # retrained
     monkeypatch.setitem(QAT.QAT_RECIPES, 4, dict(QAT.QAT_RECIPES[4], lr=0.123))
     assert settings_hash(cell_settings(cell, None, False, "sha1:aa")) != settings_hash(base)  # recipe changed
+    # settings added later are out of the hash at their neutral value (old cells stay cached), in it otherwise
+    assert not set(reproduce.NEUTRAL_SETTINGS) & set(base)
+    monkeypatch.setitem(QAT.COMMON, "kd_weight", 0.5)
+    assert cell_settings(cell, None, False, "sha1:aa")["kd_weight"] == 0.5
     ptq = cell_settings(Cell("fashion_mnist", "cnn", 4, "ptq", 0), None, False, "sha1:aa")
     assert ptq["observer"] == "mse" and ptq["script"] == "PTQ.py"
 

@@ -59,3 +59,38 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
     assert run_script("train.py", "--dry-run", "--device", "cpu", "--out", str(out)).returncode == 0
     r = run_script("train.py", "--model", "cnn_bn", "--eval-only", "--device", "cpu", "--out", str(out))
     assert r.returncode == 2 and "holds fashion_mnist/cnn" in r.stderr
+
+
+def test_distill_loss_limits_and_gradient():
+    from utils.training import distill_loss
+    torch.manual_seed(0)
+    out, teacher, y = torch.randn(6, 10, requires_grad=True), torch.randn(6, 10), torch.randint(0, 10, (6,))
+    ce = torch.nn.functional.cross_entropy(out, y, label_smoothing=0.1)
+    torch.testing.assert_close(distill_loss(out, teacher, y, 0.0, 4.0, 0.1), ce)
+    # pure distillation onto itself: zero loss and zero gradient
+    same = distill_loss(out, out.detach(), y, 1.0, 3.0)
+    same.backward()
+    assert abs(same.item()) < 1e-6 and out.grad.abs().max() < 1e-6
+    # the soft term is T^2 * KL(teacher || student) at temperature T
+    p, q = (teacher / 2).softmax(1), (out / 2).softmax(1)
+    kl = (p * (p.log() - q.log())).sum(1).mean()
+    torch.testing.assert_close(distill_loss(out, teacher, y, 1.0, 2.0), 4 * kl)
+
+
+def test_distillation_from_a_teacher_checkpoint(tmp_path):
+    teacher = tmp_path / "t.pt"
+    assert run_script("train.py", "--dry-run", "--device", "cpu", "--model", "cnn_bn", "--out", str(teacher)).returncode == 0
+    out = tmp_path / "s.pt"
+    r = run_script("train.py", "--dry-run", "--device", "cpu", "--out", str(out), "--teacher", f"{teacher},{teacher}",
+                   "--kd-weight", "0.7", "--kd-temp", "3")
+    assert r.returncode == 0, r.stderr
+    cfg = torch.load(out, weights_only=False)["config"]
+    assert cfg["teacher"] == f"{teacher},{teacher}" and cfg["kd_weight"] == 0.7 and cfg["kd_temp"] == 3.0
+    cases = [(("--kd-weight", "0.5"), "needs a --teacher"),
+             (("--teacher", str(teacher), "--kd-weight", "1.5"), "--kd-weight must be in [0, 1]"),
+             (("--dataset", "cifar10", "--teacher", str(teacher), "--kd-weight", "0.5"), "not a cifar10 model"),
+             (("--teacher", str(tmp_path / "none.pt"), "--kd-weight", "0.5"), "train the teacher first")]
+    for args, expected in cases:
+        r = run_script("train.py", "--dry-run", "--device", "cpu", *args)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and expected in lines[0], (args, r.stderr)

@@ -47,13 +47,21 @@ def render_train(results: Path) -> str:
     for row in read_rows(results / "train.csv"):
         if shipped(row):
             latest[(row["dataset"], row["model"])] = row
-    lines = ["| data set | model | test acc | seed | epochs | lr | batch | weight decay | label smoothing | augment | run time |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| data set | model | test acc | seed | epochs | lr | batch | weight decay | label smoothing | augment "
+             "| distilled from (weight, T) | run time |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (ds, model), r in sorted(latest.items(), key=lambda kv: (kv[0][0] != "fashion_mnist", kv[0][1])):
         lines.append(f"| {dataset_label(ds, r.get('data_source', ''))} | {model} | {float(r['test_acc']):.2f}% | {r['seed']} | {r['epochs']} "
                      f"| {r['lr']} | {r['batch_size']} | {r['weight_decay']} | {r['label_smoothing']} "
-                     f"| {r['augment'] or 'none'} | {float(r['run_seconds']) / 60:.1f} min |")
+                     f"| {r['augment'] or 'none'} | {distilled_from(r)} | {float(r['run_seconds']) / 60:.1f} min |")
     return "\n".join(lines)
+
+
+def distilled_from(row: dict[str, str]) -> str:
+    """The teacher column of a train.csv row: its checkpoint(s), weight and temperature, or 'none'."""
+    if not row.get("teacher") or not float(row.get("kd_weight") or 0):
+        return "none"
+    return f"`{row['teacher']}` ({float(row['kd_weight']):g}, {float(row['kd_temp']):g})"
 
 
 def render_epoch_time(results: Path) -> str:

@@ -18,11 +18,13 @@ def to_input(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler | None, device: torch.device,
                 label_smoothing: float = 0.0, desc: str = "train",
-                after_step: Callable[[], None] | None = None, sam_rho: float = 0.0) -> dict[str, float]:
+                after_step: Callable[[], None] | None = None, sam_rho: float = 0.0,
+                teacher: nn.Module | None = None, kd_weight: float = 0.0, kd_temp: float = 4.0) -> dict[str, float]:
     """Train for one pass over ``loader``; returns mean loss, accuracy (%) and seconds.
 
     sam_rho > 0 takes sharpness-aware minimisation steps (SAM, Foret et al. 2021): the gradient
     that ``optimizer`` applies is the one at the weights moved by rho along the normalised gradient.
+    With a ``teacher`` (in eval mode, never trained) and kd_weight > 0 the loss is ``distill_loss``.
     """
     model.train()
     t0, total, correct, loss_sum = time.perf_counter(), 0, 0, 0.0
@@ -30,7 +32,12 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
     for x, y in bar:
         x, y = to_input(x, device), y.to(device)
         out = model(x)
-        loss = F.cross_entropy(out, y, label_smoothing=label_smoothing)
+        if teacher is not None and kd_weight > 0:
+            with torch.no_grad():
+                target = teacher(x)
+            loss = distill_loss(out, target, y, kd_weight, kd_temp, label_smoothing)
+        else:
+            loss = F.cross_entropy(out, y, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if sam_rho > 0:
@@ -47,6 +54,32 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
         bar.set_postfix(loss=f"{loss_sum / total:.3f}", acc=f"{100 * correct / total:.2f}", refresh=False)
     return {"train_loss": loss_sum / max(total, 1), "train_acc": 100 * correct / max(total, 1),
             "seconds": time.perf_counter() - t0}
+
+
+def distill_loss(out: torch.Tensor, teacher_out: torch.Tensor, y: torch.Tensor, weight: float, temp: float,
+                 label_smoothing: float = 0.0) -> torch.Tensor:
+    """Knowledge distillation (Hinton et al. 2015): (1 - weight) * CE(out, y) + weight * T^2 *
+    KL(softmax(teacher_out / T) || softmax(out / T)); the T^2 keeps the soft term's gradient size
+    independent of the temperature T."""
+    soft = F.kl_div(F.log_softmax(out / temp, 1), F.log_softmax(teacher_out / temp, 1), reduction="batchmean",
+                    log_target=True)
+    hard = F.cross_entropy(out, y, label_smoothing=label_smoothing) if weight < 1 else out.new_zeros(())
+    return (1 - weight) * hard + weight * temp ** 2 * soft
+
+
+class Ensemble(nn.Module):
+    """Mean logits of several models (a distillation teacher); always in eval mode."""
+
+    def __init__(self, models: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(models)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "Ensemble":
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x) for m in self.members]).mean(0)
 
 
 def sam_second_pass(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rho: float,
