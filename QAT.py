@@ -48,7 +48,7 @@ QAT_RECIPES = {
     5: dict(quantizer="lsq", epochs=2, lr=5e-3, weight_decay=1e-4, freeze_bn=0.5, freeze_observers=0.5),
     4: dict(quantizer="lsq", epochs=3, lr=5e-3, weight_decay=1e-4, freeze_bn=0.6, freeze_observers=0.6),
     3: dict(quantizer="lsq", epochs=4, lr=1e-2, weight_decay=5e-5, freeze_bn=0.6, freeze_observers=0.6),
-    2: dict(quantizer="lsq", epochs=6, lr=1e-2, weight_decay=0.0, freeze_bn=0.6, freeze_observers=0.6),
+    2: dict(quantizer="lsq", epochs=6, lr=1e-2, weight_decay=0.0, freeze_bn=0.0, freeze_observers=0.6),
 }
 COMMON = dict(optimizer="sgd", momentum=0.9, batch_size=128, observer="mse", calib_batches=32, ema_momentum=0.99,
               kd_weight=0.0, kd_temp=1.0, bn_momentum=None)
