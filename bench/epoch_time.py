@@ -6,7 +6,9 @@
 
 Each repeat times one full pass of the loader alone (batching, shuffling, augmentation), then one
 full training epoch per method, interleaved (float, ste, lsq, float, ...) so that every method
-sees the same machine load: ``float`` is train.py's recipe; ``ste`` and ``lsq`` are QAT.py's
+sees the same machine load: ``float`` is train.py's training step (cross-entropy, no teacher);
+``kd`` the same with the distillation teacher of the data set's recipe (train.py's default on
+Fashion-MNIST: one more forward pass per batch; skipped where the recipe has none); ``ste`` and ``lsq`` are QAT.py's
 training step at --bits (fake quantization of every tensor, BatchNorm statistics and activation
 ranges still updating: the dearer phase of a QAT run). Reports medians, and for QAT the ratio of
 the medians to the float epoch of the same model, and appends one row per method to
@@ -27,32 +29,36 @@ import quant  # noqa: E402
 from data import get_loaders  # noqa: E402
 from models import MODELS, build_model  # noqa: E402
 from QAT import FreezeSchedule, build_qat_model  # noqa: E402
-from train import RECIPES, make_optimizer  # noqa: E402
+from train import RECIPES, load_teacher, make_optimizer  # noqa: E402
 from utils.cli import resolve_device, set_seed  # noqa: E402
 from utils.io import append_csv_row, versions  # noqa: E402
 from utils.training import train_epoch  # noqa: E402
 
 
 def make_trainee(method: str, name: str, dataset: str, recipe: dict, bits: int, train, device, epochs: int):
-    """(model, optimizer, scheduler, after_step) for one method, from the same random float weights."""
+    """(model, optimizer, scheduler, train_epoch keywords) for one method, from the same random float weights."""
     set_seed(0)
     model = build_model(name, dataset).to(device).to(memory_format=torch.channels_last)
-    after_step = None
-    if method != "float":
+    extra = {}
+    if method == "kd":
+        extra = dict(teacher=load_teacher(dict(recipe, dataset=dataset), device), kd_weight=recipe["kd_weight"],
+                     kd_temp=recipe["kd_temp"])
+    elif method != "float":
         qcfg = quant.QuantConfig(weight_bits=bits, act_bits=bits, observer="minmax", calib_batches=4)
         qat_cfg = quant.QATConfig(quantizer=method, freeze_bn=epochs, freeze_observers=epochs)
         model = build_qat_model(model, qcfg, qat_cfg, train)
-        after_step = FreezeSchedule(model, qat_cfg, len(train)).after_step
+        extra = dict(after_step=FreezeSchedule(model, qat_cfg, len(train)).after_step)
     opt, sched = make_optimizer(model, dict(recipe, epochs=epochs), len(train))
-    return model, opt, sched, after_step
+    return model, opt, sched, extra
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=list(MODELS), nargs="*", default=list(MODELS))
     p.add_argument("--model", choices=["cnn", "cnn_bn"], nargs="*", default=["cnn", "cnn_bn"])
-    p.add_argument("--methods", choices=["float", "ste", "lsq"], nargs="*", default=["float"],
-                   help="float training and/or QAT with the ste or lsq quantizer (default: float)")
+    p.add_argument("--methods", choices=["float", "kd", "ste", "lsq"], nargs="*", default=["float", "kd"],
+                   help="float training, float training with the recipe's distillation teacher, and/or QAT with "
+                        "the ste or lsq quantizer (default: float kd)")
     p.add_argument("--bits", type=int, default=4, help="QAT bit width (the cost does not depend on it; default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed epochs per model and method (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
@@ -65,29 +71,30 @@ def main() -> None:
         recipe = RECIPES[dataset]
         train, _ = get_loaders(dataset, recipe["batch_size"], root=args.data_root, device=device)
         n = len(train) * train.batch_size
+        methods = [m for m in args.methods if m != "kd" or recipe["kd_weight"] > 0]
         for name in args.model:
             trainees = {m: make_trainee(m, name, dataset, recipe, args.bits, train, device, args.repeats)
-                        for m in args.methods}
+                        for m in methods}
             load_s: list[float] = []
-            train_s: dict[str, list[float]] = {m: [] for m in args.methods}
+            train_s: dict[str, list[float]] = {m: [] for m in methods}
             for r in range(args.repeats):
                 train.set_epoch(r)
                 t0 = time.perf_counter()
                 for x, y in train:
                     pass
                 load_s.append(time.perf_counter() - t0)
-                for method, (model, opt, sched, after_step) in trainees.items():
+                for method, (model, opt, sched, extra) in trainees.items():
                     train.set_epoch(r)
                     train_s[method].append(train_epoch(model, train, opt, sched, device, desc=f"{dataset}/{name}/{method}",
-                                                       after_step=after_step)["seconds"])
-            for method in args.methods:
+                                                       **extra)["seconds"])
+            for method in methods:
                 epoch_s = statistics.median(train_s[method])
                 ratio = epoch_s / statistics.median(train_s["float"]) if "float" in train_s else None
                 row = {"dataset": dataset, "model": name, "device": str(device), "threads": torch.get_num_threads(),
                        "batch_size": train.batch_size, "repeats": args.repeats, "epoch_s": round(epoch_s, 2),
                        "loader_img_per_s": round(n / statistics.median(load_s)),
                        "train_img_per_s": round(n / epoch_s), "method": method,
-                       "bits": args.bits if method != "float" else "",
+                       "bits": args.bits if method in ("ste", "lsq") else "",
                        "ratio_vs_float": round(ratio, 2) if ratio is not None and method != "float" else "",
                        **versions()}
                 print(f"{dataset:14s} {name:7s} {method:5s} epoch {row['epoch_s']:6.2f} s (median of {args.repeats})  "
