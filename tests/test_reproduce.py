@@ -166,3 +166,12 @@ def test_dry_run_grid_resumes_and_reports(tmp_path):
     assert "![accuracy against bits](accuracy_vs_bits.png)" in md
     block = render_reproduce(out)
     assert "**Fashion-MNIST (synthetic data)**" in block and "accuracy_vs_bits.png" in block
+
+
+def test_report_tables_drop_rows_of_a_retrained_checkpoint():
+    from utils.report import from_shipped, shipped_float_acc
+    acc = shipped_float_acc("cifar10", "cnn")
+    row = {"dataset": "cifar10", "model": "cnn", "float_ckpt": "ckpt/cifar10_cnn.pt", "float_acc": f"{acc:.2f}"}
+    assert from_shipped(row)
+    assert not from_shipped(dict(row, float_acc=f"{acc - 0.33:.2f}"))  # the checkpoint before a retraining
+    assert not from_shipped(dict(row, float_ckpt="/tmp/other.pt"))
