@@ -24,7 +24,8 @@ def test_dry_run_end_to_end_json(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))  # atomic write left no temp file
 
 
-@pytest.mark.parametrize("extra", [(), ("--ema-decay", "0.9", "--sam-rho", "0.05")], ids=["sgd", "sam-ema"])
+@pytest.mark.parametrize("extra", [(), ("--ema-decay", "0.9", "--sam-rho", "0.05", "--kd-weight", "0")],
+                         ids=["sgd-distilled", "sam-ema"])
 def test_resume_continues_where_it_stopped(tmp_path, extra):
     common = ("train.py", "--dry-run", "--epochs", "3", "--device", "cpu", "--seed", "5", *extra)
     resumed, straight = check_resume(common, 3, tmp_path)
@@ -86,7 +87,8 @@ def test_distillation_from_a_teacher_checkpoint(tmp_path):
     assert r.returncode == 0, r.stderr
     cfg = torch.load(out, weights_only=False)["config"]
     assert cfg["teacher"] == f"{teacher},{teacher}" and cfg["kd_weight"] == 0.7 and cfg["kd_temp"] == 3.0
-    cases = [(("--kd-weight", "0.5"), "needs a --teacher"),
+    cases = [(("--teacher", "", "--kd-weight", "0.5"), "needs a --teacher"),
+             (("--sam-rho", "0.05"), "distillation and SAM steps do not combine"),  # the default cnn distils
              (("--teacher", str(teacher), "--kd-weight", "1.5"), "--kd-weight must be in [0, 1]"),
              (("--dataset", "cifar10", "--teacher", str(teacher), "--kd-weight", "0.5"), "not a cifar10 model"),
              (("--teacher", str(tmp_path / "none.pt"), "--kd-weight", "0.5"), "train the teacher first")]
