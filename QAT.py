@@ -29,7 +29,7 @@ import torch
 
 import quant
 from PTQ import load_float_model, print_table, write_outputs
-from train import RECIPES, check_matches, make_loaders, make_optimizer, model_recipe
+from train import RECIPES, check_distillation, check_matches, make_loaders, make_optimizer, model_recipe
 from utils.cli import RESUME_HINT, CLIError, check_names, one_line_errors, resolve_device, set_seed
 from utils.io import load_checkpoint, save_checkpoint, versions
 from utils.training import evaluate, train_epoch
@@ -119,8 +119,7 @@ def fill_recipe(args: argparse.Namespace) -> dict:
                 "kd_weight", "kd_temp", "bn_momentum"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
-    if not 0 <= cfg["kd_weight"] <= 1 or cfg["kd_temp"] <= 0:
-        raise CLIError("--kd-weight must be in [0, 1] and --kd-temp > 0")
+    check_distillation(cfg)
     if cfg["kd_weight"] > 0 and args.from_scratch:
         raise CLIError("--from-scratch has no trained float model to distil; pass --kd-weight 0")
     if cfg["bn_momentum"] is not None and not 0 < cfg["bn_momentum"] <= 1:

@@ -90,8 +90,7 @@ def fill_recipe(args: argparse.Namespace) -> dict:
             cfg[key] = getattr(args, key)
     if args.dry_run and args.epochs is None:
         cfg["epochs"] = 1
-    if not 0 <= cfg["kd_weight"] <= 1 or cfg["kd_temp"] <= 0:
-        raise CLIError("--kd-weight must be in [0, 1] and --kd-temp > 0")
+    check_distillation(cfg)
     if cfg["kd_weight"] > 0 and not cfg["teacher"]:
         raise CLIError("--kd-weight > 0 needs a --teacher checkpoint (or pass --kd-weight 0)")
     if cfg["kd_weight"] > 0 and cfg["sam_rho"] > 0:
@@ -101,6 +100,12 @@ def fill_recipe(args: argparse.Namespace) -> dict:
     if cfg["epochs"] < 1 or cfg["lr"] <= 0 or cfg["batch_size"] < 1:
         raise CLIError("--epochs and --batch-size must be >= 1 and --lr > 0")
     return cfg
+
+
+def check_distillation(cfg: dict) -> None:
+    """The distillation weight and temperature of a train.py or QAT.py recipe are usable."""
+    if not 0 <= cfg["kd_weight"] <= 1 or cfg["kd_temp"] <= 0:
+        raise CLIError("--kd-weight must be in [0, 1] and --kd-temp > 0")
 
 
 def load_teacher(cfg: dict, device: torch.device) -> torch.nn.Module | None:

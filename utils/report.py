@@ -31,25 +31,29 @@ def dataset_label(dataset: str, source: str = "") -> str:
     return f"{label} (JPEG copy)" if dataset == "cifar10" and source in ("", "jpeg-copy") else label
 
 
-def shipped(row: dict[str, str]) -> bool:
-    """Whether ``row`` is the run that wrote the checkpoint now in ckpt/ (same seed, epochs, accuracy)."""
-    path = REPO_ROOT / row["checkpoint"]
-    if not row["checkpoint"].startswith("ckpt/") or not path.exists():
-        return False
-    import torch
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    return (ckpt["config"].get("seed") == int(row["seed"]) and ckpt["epoch"] == int(row["epochs"])
-            and round(ckpt["metrics"]["test_acc"], 2) == float(row["test_acc"]))
-
-
 @functools.lru_cache(maxsize=None)
-def shipped_float_acc(dataset: str, model: str) -> float | None:
-    """Test accuracy recorded in ckpt/<dataset>_<model>.pt (None where it is missing)."""
-    path = REPO_ROOT / "ckpt" / f"{dataset}_{model}.pt"
+def ckpt_record(rel_path: str) -> tuple[int | None, int, float] | None:
+    """(seed, epoch, test accuracy) recorded in the checkpoint at ``rel_path`` (from the repository root),
+    None where it is missing; each file is loaded once per report."""
+    path = REPO_ROOT / rel_path
     if not path.exists():
         return None
     import torch
-    return float(torch.load(path, map_location="cpu", weights_only=False)["metrics"]["test_acc"])
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    return ckpt["config"].get("seed"), ckpt["epoch"], float(ckpt["metrics"]["test_acc"])
+
+
+def shipped(row: dict[str, str]) -> bool:
+    """Whether ``row`` is the run that wrote the checkpoint now in ckpt/ (same seed, epochs, accuracy)."""
+    record = ckpt_record(row["checkpoint"]) if row["checkpoint"].startswith("ckpt/") else None
+    return (record is not None and record[0] == int(row["seed"]) and record[1] == int(row["epochs"])
+            and round(record[2], 2) == float(row["test_acc"]))
+
+
+def shipped_float_acc(dataset: str, model: str) -> float | None:
+    """Test accuracy recorded in ckpt/<dataset>_<model>.pt (None where it is missing)."""
+    record = ckpt_record(f"ckpt/{dataset}_{model}.pt")
+    return None if record is None else record[2]
 
 
 def from_shipped(row: dict[str, str]) -> bool:
