@@ -7,8 +7,8 @@
 Each repeat times one full pass of the loader alone (batching, shuffling, augmentation), then one
 full training epoch per method, interleaved (float, ste, lsq, float, ...) so that every method
 sees the same machine load: ``float`` is train.py's training step (cross-entropy, no teacher);
-``kd`` the same with the distillation teacher of the data set's recipe (train.py's default on
-Fashion-MNIST: one more forward pass per batch; skipped where the recipe has none); ``ste`` and ``lsq`` are QAT.py's
+``kd`` the same with the distillation teacher(s) of the model's recipe (train.py's default on
+Fashion-MNIST: one more forward pass per batch and teacher; skipped where the recipe has none); ``ste`` and ``lsq`` are QAT.py's
 training step at --bits (fake quantization of every tensor, BatchNorm statistics and activation
 ranges still updating: the dearer phase of a QAT run). Reports medians, and for QAT the ratio of
 the medians to the float epoch of the same model, and appends one row per method to
@@ -29,7 +29,7 @@ import quant  # noqa: E402
 from data import get_loaders  # noqa: E402
 from models import MODELS, build_model  # noqa: E402
 from QAT import FreezeSchedule, build_qat_model  # noqa: E402
-from train import RECIPES, load_teacher, make_optimizer  # noqa: E402
+from train import RECIPES, load_teacher, make_optimizer, model_recipe  # noqa: E402
 from utils.cli import resolve_device, set_seed  # noqa: E402
 from utils.io import append_csv_row, versions  # noqa: E402
 from utils.training import train_epoch  # noqa: E402
@@ -71,8 +71,9 @@ def main() -> None:
         recipe = RECIPES[dataset]
         train, _ = get_loaders(dataset, recipe["batch_size"], root=args.data_root, device=device)
         n = len(train) * train.batch_size
-        methods = [m for m in args.methods if m != "kd" or recipe["kd_weight"] > 0]
         for name in args.model:
+            recipe = model_recipe(dataset, name)
+            methods = [m for m in args.methods if m != "kd" or recipe["kd_weight"] > 0]
             trainees = {m: make_trainee(m, name, dataset, recipe, args.bits, train, device, args.repeats)
                         for m in methods}
             load_s: list[float] = []
