@@ -68,8 +68,7 @@ def main() -> None:
     device = resolve_device(args.device)
     print(f"device {device}, torch threads {torch.get_num_threads()}")
     for dataset in args.dataset:
-        recipe = RECIPES[dataset]
-        train, _ = get_loaders(dataset, recipe["batch_size"], root=args.data_root, device=device)
+        train, _ = get_loaders(dataset, RECIPES[dataset]["batch_size"], root=args.data_root, device=device)
         n = len(train) * train.batch_size
         for name in args.model:
             recipe = model_recipe(dataset, name)
