@@ -36,7 +36,7 @@ from data import Loader, synthetic_split
 from models import build_model
 from PTQ import load_float_model, make_data
 from quant.export_tflite import MODES, TFLiteRunner, export_tflite, litert
-from utils.cli import CLIError, check_names, one_line_errors, set_seed
+from utils.cli import CLIError, check_names, format_match, one_line_errors, set_seed
 from utils.io import append_csv_row, versions
 
 
@@ -204,7 +204,7 @@ def main() -> int:
         print(f"{'LiteRT mode':<12} {key:>12} {'tflite acc':>11} {ref.replace('_', ' '):>10}  ({test.source}, "
               f"{len(test.y)} images)")
         for mode in MODES:
-            fig = f"{res[key][mode]:.3g}" if args.float else f"{res[key][mode]:.2f}%"
+            fig = f"{res[key][mode]:.3g}" if args.float else format_match(res[key][mode])
             print(f"{mode:<12} {fig:>12} {res['tflite_acc'][mode]:>10.2f}% {res[ref][mode]:>9.2f}%")
         row.update({key: res[key], "tflite_acc": res["tflite_acc"]["xnnpack"], ref: res[ref]["xnnpack"],
                     "tflite_acc_by_mode": res["tflite_acc"], f"{ref}_by_mode": res[ref],

@@ -14,9 +14,10 @@ direct im2col + GEMM, no Winograd/FFT). The int32 range of acc is checked, never
 Requantization (``rounding``; see ``quant.fixed_point``): 'ref' (LiteRT reference kernels: conv
 SRDHM + RoundingDivideByPOT, fully connected single rounding), 'builtin' (ruy: ties toward +inf),
 'xnnpack' (float32 scale, round half to even). Multipliers: conv
-M = double(s_in) * double(s_w[c]) / double(s_out) (TFLite ``PopulateConvolutionQuantizationParams``);
-per-tensor fully connected M = double(float(s_in * s_w)) / double(s_out) (TFLite
-``GetQuantizedConvolutionMultipler``); XNNPACK float(float(s_in * s_w[c]) / s_out).
+M = double(s_in) * double(s_w[c]) / double(s_out) (TFLite ``PopulateConvolutionQuantizationParams``),
+per-tensor fully connected the same (LiteRT's ``GetQuantizedConvolutionMultipler`` multiplies the
+scales in double; a float32 product gave a Fashion-MNIST cnn_bn logit one step off the reference
+kernel's, accumulator -13911); XNNPACK float(float(s_in * s_w[c]) / s_out).
 
 Flatten keeps NCHW order (an exporter to NHWC permutes the next weights). ``forward_int`` returns the
 integer logits, ``forward`` dequantizes them.
@@ -133,10 +134,10 @@ class _IntWeighted(IntLayer):
         s_in = in_qp.scale.float().reshape(())
         s_w = w_qp.scale.float().reshape(-1).expand(c).clone()
         s_out = out_qp.scale.float().reshape(())
-        if kind == "conv":
-            real = s_in.double() * s_w.double() / s_out.double()
-        else:
-            real = (s_in * s_w).double() / s_out.double()  # float32 product, as TFLite's FC
+        # double(s_in) * double(s_w) / double(s_out) for conv and fully connected alike, as LiteRT 2.x
+        # (kernel_util's GetQuantizedConvolutionMultipler); older TFLite formed the FC product in float32,
+        # which moves M0 by a few dozen units and flips outputs that lie within ~1e-6 of a rounding tie
+        real = s_in.double() * s_w.double() / s_out.double()
         m0, shift = quantize_multipliers(real)
         self.register_buffer("weight", p["weight"].to(torch.int8))
         self.register_buffer("bias", p["bias"].to(torch.int32))

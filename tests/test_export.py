@@ -205,3 +205,11 @@ def test_cli_errors_are_one_line(tmp_path):
     assert r.returncode == 2 and "not found" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = run_script("export.py", "--clamp", "int8", "--from", "x.pt")
     assert r.returncode == 2 and "drop --from" in r.stderr
+
+
+def test_match_display_never_rounds_a_mismatch_to_100():
+    from utils.cli import format_match
+    assert format_match(100.0) == "100.00%"
+    assert format_match(99.996) == "99.996%"            # 4 of 100,000 int8 logits differ
+    assert format_match(100 * 99_999 / 100_000) == "99.999%"
+    assert format_match(99.99995) == "99.999%"          # 1 in 2 million: still not shown as 100

@@ -200,3 +200,22 @@ def test_qconvbnrelu_is_the_folding_hook():
     w_ref, b_ref = fold_bn(conv, bn)
     assert torch.allclose(w, w_ref) and torch.allclose(b, b_ref)
     assert isinstance(QLinear.from_float([nn.Linear(2, 2)], QuantConfig()), QLinear)
+
+
+def test_fully_connected_multiplier_is_a_double_product():
+    # Scales of the Fashion-MNIST cnn_bn FC layer (8-bit PTQ) whose accumulator -13911 lies 5e-7 from a
+    # rounding tie: a float32 product s_in * s_w gives M0 = 1699338613 and output -48, while LiteRT's
+    # BUILTIN_REF kernel printed -49 (export.py --verify); the double product gives M0 = 1699338658.
+    from quant.integer import IntLinear
+    from quant.qparams import QParams
+    s_in, s_w, s_out = 0.026003697887063026, 0.0026513454504311085, 0.04460887983441353
+    qp = lambda s, zp, lo: QParams(torch.tensor(s), torch.tensor(zp, dtype=torch.int32), lo, 127, None)  # noqa: E731
+    fc = IntLinear({"weight": torch.ones(1, 109, dtype=torch.int8), "bias": torch.zeros(1, dtype=torch.int32),
+                    "in_qp": qp(s_in, 0, -128), "w_qp": qp(s_w, 0, -127), "out_qp": qp(s_out, -27, -128), "relu": False})
+    assert (int(fc.m0.reshape(-1)[0]), int(fc.shift.reshape(-1)[0])) == (1699338658, -9)
+    x = torch.full((1, 109), -128, dtype=torch.int32)
+    x[0, -1] = -87                                           # sum = -13824 - 87 = -13911
+    fc.rounding = "ref"
+    assert fc(x).item() == -49                               # LiteRT BUILTIN_REF
+    fc.rounding = "builtin"
+    assert fc(x).item() == -48                               # LiteRT BUILTIN (ruy), same file

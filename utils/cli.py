@@ -66,3 +66,9 @@ def check_names(dataset: str, model: str) -> None:
         raise CLIError(f"unknown --dataset {dataset!r}; choose one of: {', '.join(MODELS)}")
     if model not in MODELS[dataset]:
         raise CLIError(f"unknown --model {model!r}; choose one of: {', '.join(MODELS[dataset])}")
+
+
+def format_match(pct: float) -> str:
+    """A percentage of equal values for display: '100.00%' only when every value is equal, otherwise
+    three decimals capped at 99.999%, so that a few differing logits never print as 100.00%."""
+    return "100.00%" if pct >= 100 else f"{min(pct, 99.999):.3f}%"

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from utils.cli import format_match
 from utils.io import REPO_ROOT, atomic_write_bytes
 from utils.results_tables import default_quantizer, render_reproduce
 
@@ -195,7 +196,8 @@ def render_export(results: Path) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for (ds, model, bits), r in sorted(latest.items(), key=lambda kv: (kv[0][0] != "fashion_mnist", kv[0][1], -kv[0][2])):
         lines.append(f"| {dataset_label(ds, r.get('data_source', ''))} | {model} | {bits} | {int(r['images']):,} "
-                     f"| {float(r['match_ref']):.2f}% | {float(r['match_builtin']):.2f}% | {float(r['match_xnnpack']):.2f}% "
+                     f"| {format_match(float(r['match_ref']))} | {format_match(float(r['match_builtin']))} "
+                     f"| {format_match(float(r['match_xnnpack']))} "
                      f"| {float(r['tflite_acc']):.2f}% | {float(r['int_acc_ref']):.2f}% | {int(r['bytes']):,} |")
     return "\n".join(lines)
 
