@@ -267,13 +267,16 @@ def test_missing_checkpoint_names_the_train_command(tmp_path):
     assert r.returncode == 2 and "2..8" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_recipe_augmentation_fine_tuning_uses_the_data_sets_from_scratch_the_models():
+def test_recipe_augmentation_fine_tuning_uses_the_data_sets_from_scratch_the_models(monkeypatch):
     import QAT
     import train
 
     def cfg(*argv):
         return QAT.fill_recipe(QAT.parse_args(["--dataset", "fashion_mnist", "--model", "cnn_bn", "--bits", "4", *argv]))
 
+    # a model recipe with its own augmentation (no shipped recipe has one now)
+    own = dict(train.MODEL_RECIPES.get(("fashion_mnist", "cnn_bn"), {}), augment="flip")
+    monkeypatch.setitem(train.MODEL_RECIPES, ("fashion_mnist", "cnn_bn"), own)
     assert train.model_recipe("fashion_mnist", "cnn_bn")["augment"] != train.RECIPES["fashion_mnist"]["augment"]
     assert cfg()["augment"] == train.RECIPES["fashion_mnist"]["augment"]
     assert cfg("--from-scratch")["augment"] == train.model_recipe("fashion_mnist", "cnn_bn")["augment"]
