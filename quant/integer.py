@@ -128,7 +128,7 @@ class _IntWeighted(IntLayer):
     common = ("in_zp", "out_zp", "act_min", "act_max", "relu", "out_qmin", "out_qmax", "rounding", "f32_exact",
               "may_overflow")
 
-    def _setup(self, p: dict[str, Any], clamp: str, kind: str) -> None:
+    def _setup(self, p: dict[str, Any], clamp: str) -> None:
         in_qp, w_qp, out_qp = p["in_qp"], p["w_qp"], p["out_qp"]
         c = p["weight"].shape[0]
         s_in = in_qp.scale.float().reshape(())
@@ -197,7 +197,7 @@ class IntConv2d(_IntWeighted):
 
     def __init__(self, p: dict[str, Any], q: QConv2d, clamp: str = "bits") -> None:
         super().__init__()
-        self._setup(p, clamp, "conv")
+        self._setup(p, clamp)
         self.stride, self.padding, self.dilation, self.groups = q.stride, q.padding, q.dilation, q.groups
 
     @property
@@ -226,7 +226,7 @@ class IntLinear(_IntWeighted):
 
     def __init__(self, p: dict[str, Any], clamp: str = "bits") -> None:
         super().__init__()
-        self._setup(p, clamp, "fc")
+        self._setup(p, clamp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dt = self.dtype
