@@ -136,11 +136,20 @@ def seed_table(runs: dict[Key, list[dict[str, str]]], dataset: str) -> list[str]
     return lines + ["", "float model: " + ", ".join(floats)]
 
 
+def diff_std_error(a: list[dict[str, str]], b: list[dict[str, str]]) -> float | None:
+    """Standard error of mean(b) - mean(a) over independent seeds, sqrt(s_a^2/n_a + s_b^2/n_b) with
+    sample variances; None unless both have two or more runs."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    return sum(statistics.variance([float(r["int_acc"]) for r in runs]) / len(runs) for runs in (a, b)) ** 0.5
+
+
 def bn_vs_plain_table(runs: dict[Key, list[dict[str, str]]]) -> list[str]:
     """cnn_bn against cnn after QAT with the default quantizer, at every bit width where both ran: the
-    mean integer accuracy over the seeds run, and whether cnn_bn is at least as good (issue #4)."""
-    lines = ["| data set | bits | quantizer | cnn | cnn_bn | cnn_bn − cnn (means) | cnn_bn ≥ cnn |",
-             "|---|---|---|---|---|---|---|"]
+    mean integer accuracy over the seeds run, the standard error of the difference of the means (how
+    far seed-to-seed noise alone moves it), and whether cnn_bn is at least as good (issue #4)."""
+    lines = ["| data set | bits | quantizer | cnn | cnn_bn | cnn_bn − cnn (means) | its standard error | cnn_bn ≥ cnn |",
+             "|---|---|---|---|---|---|---|---|"]
     for dataset in _order([k[0] for k in runs], DATASET_ORDER):
         for bits in sorted({k[2] for k in runs if k[0] == dataset}, reverse=True):
             plain, bn = default_qat(runs, dataset, "cnn", bits), default_qat(runs, dataset, "cnn_bn", bits)
@@ -148,9 +157,11 @@ def bn_vs_plain_table(runs: dict[Key, list[dict[str, str]]]) -> list[str]:
                 continue
             diff = (statistics.fmean(float(r["int_acc"]) for r in bn)
                     - statistics.fmean(float(r["int_acc"]) for r in plain))
+            se = diff_std_error(plain, bn)
             seeds = "" if len(plain) == len(bn) == 1 else f" ({len(plain)} / {len(bn)} seeds)"
             lines.append(f"| {dataset_title(dataset, runs)} | {bits} | {default_quantizer(bits)}{seeds} "
-                         f"| {fmt_acc(plain)} | {fmt_acc(bn)} | {diff:+.2f} | {'yes' if diff >= -1e-9 else '**no**'} |")
+                         f"| {fmt_acc(plain)} | {fmt_acc(bn)} | {diff:+.2f} | {'—' if se is None else f'{se:.2f}'} "
+                         f"| {'yes' if diff >= -1e-9 else '**no**'} |")
     return lines if len(lines) > 2 else []
 
 
