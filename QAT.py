@@ -36,7 +36,7 @@ from utils.training import evaluate, train_epoch
 
 # Fine-tuning defaults per bit width (SGD, Nesterov momentum 0.9, one-cycle LR with 20% warm-up),
 # measured on the four shipped checkpoints (results/qat.csv): 8 bits only needs the ranges to settle
-# (PTQ is already within 0.2 points), one epoch at a small LR; at 6 bits ste and lsq are within 0.3
+# (PTQ is already within 0.2 points), one epoch at a small LR; at 6 bits ste and lsq are within 0.4
 # points of each other on every model (seed 0 rows of results/qat.csv) and ste is cheaper, and a peak
 # LR of 2e-3 rather than 5e-3 keeps the fine-tune from leaving a good PTQ start (CIFAR-10 cnn, seed 4:
 # PTQ 78.37% -> 77.99% at 5e-3, 78.27% at 2e-3; results/qat_sweep.csv); at 4 bits

@@ -112,6 +112,9 @@ def test_bn_vs_plain_table_compares_seed_means_of_the_default_quantizer():
         "| Fashion-MNIST | 6 | ste (2 / 2 seeds) | 91.10 ± 0.14% | 91.50 ± 0.28% | +0.40 | 0.22 | yes |",
         "| Fashion-MNIST | 4 | lsq (2 / 1 seeds) | 90.70 ± 0.28% | 90.60% | -0.10 | — | **no** |"]
     assert bn_vs_plain_table(select_runs(rows[-1:])) == []
+    near_tie = [_row("fashion_mnist", "cnn", 6, "qat-ste", 0, 91.704, group="a"),
+                _row("fashion_mnist", "cnn_bn", 6, "qat-ste", 0, 91.700, group="b")]
+    assert bn_vs_plain_table(select_runs(near_tie))[-1].endswith("| -0.004 | — | **no** |")
 
 
 def _csv(path):

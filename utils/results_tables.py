@@ -144,6 +144,11 @@ def diff_std_error(a: list[dict[str, str]], b: list[dict[str, str]]) -> float | 
     return sum(statistics.variance([float(r["int_acc"]) for r in runs]) / len(runs) for runs in (a, b)) ** 0.5
 
 
+def fmt_diff(diff: float) -> str:
+    """'+0.14'; three decimals where two would round to zero ('-0.004'), so the sign stays readable."""
+    return f"{diff:+.2f}" if abs(diff) >= 0.005 or diff == 0 else f"{diff:+.3f}"
+
+
 def bn_vs_plain_table(runs: dict[Key, list[dict[str, str]]]) -> list[str]:
     """cnn_bn against cnn after QAT with the default quantizer, at every bit width where both ran: the
     mean integer accuracy over the seeds run, the standard error of the difference of the means (how
@@ -160,7 +165,7 @@ def bn_vs_plain_table(runs: dict[Key, list[dict[str, str]]]) -> list[str]:
             se = diff_std_error(plain, bn)
             seeds = "" if len(plain) == len(bn) == 1 else f" ({len(plain)} / {len(bn)} seeds)"
             lines.append(f"| {dataset_title(dataset, runs)} | {bits} | {default_quantizer(bits)}{seeds} "
-                         f"| {fmt_acc(plain)} | {fmt_acc(bn)} | {diff:+.2f} | {'—' if se is None else f'{se:.2f}'} "
+                         f"| {fmt_acc(plain)} | {fmt_acc(bn)} | {fmt_diff(diff)} | {'—' if se is None else f'{se:.2f}'} "
                          f"| {'yes' if diff >= -1e-9 else '**no**'} |")
     return lines if len(lines) > 2 else []
 
