@@ -115,6 +115,10 @@ def test_bn_vs_plain_table_compares_seed_means_of_the_default_quantizer():
     near_tie = [_row("fashion_mnist", "cnn", 6, "qat-ste", 0, 91.704, group="a"),
                 _row("fashion_mnist", "cnn_bn", 6, "qat-ste", 0, 91.700, group="b")]
     assert bn_vs_plain_table(select_runs(near_tie))[-1].endswith("| -0.004 | — | **no** |")
+    tie = [_row("fashion_mnist", "cnn", 6, "qat-ste", 0, 91.7, group="a"),
+           _row("fashion_mnist", "cnn", 6, "qat-ste", 1, 91.6, group="a"),
+           _row("fashion_mnist", "cnn_bn", 6, "qat-ste", 0, 91.65, group="b")]  # equal means
+    assert bn_vs_plain_table(select_runs(tie))[-1].endswith("| +0.00 | — | yes |")
 
 
 def _csv(path):

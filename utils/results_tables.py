@@ -145,8 +145,11 @@ def diff_std_error(a: list[dict[str, str]], b: list[dict[str, str]]) -> float | 
 
 
 def fmt_diff(diff: float) -> str:
-    """'+0.14'; three decimals where two would round to zero ('-0.004'), so the sign stays readable."""
-    return f"{diff:+.2f}" if abs(diff) >= 0.005 or diff == 0 else f"{diff:+.3f}"
+    """'+0.14'; three decimals where two would round to zero ('-0.004'), so the sign stays readable;
+    '+0.00' for equal means (float noise below 1e-9 included)."""
+    if abs(diff) <= 1e-9:
+        return "+0.00"
+    return f"{diff:+.2f}" if abs(diff) >= 0.005 else f"{diff:+.3f}"
 
 
 def bn_vs_plain_table(runs: dict[Key, list[dict[str, str]]]) -> list[str]:
