@@ -136,18 +136,22 @@ def seed_table(runs: dict[Key, list[dict[str, str]]], dataset: str) -> list[str]
     return lines + ["", "float model: " + ", ".join(floats)]
 
 
-def diff_std_error(a: list[dict[str, str]], b: list[dict[str, str]]) -> float | None:
+#: two means closer than this are equal (cnn_bn ≥ cnn holds, and the difference prints as +0.00)
+TIE = 1e-9
+
+
+def diff_std_error(a: list[float], b: list[float]) -> float | None:
     """Standard error of mean(b) - mean(a) over independent seeds, sqrt(s_a^2/n_a + s_b^2/n_b) with
-    sample variances; None unless both have two or more runs."""
+    sample variances; None unless both have two or more values."""
     if len(a) < 2 or len(b) < 2:
         return None
-    return sum(statistics.variance([float(r["int_acc"]) for r in runs]) / len(runs) for runs in (a, b)) ** 0.5
+    return sum(statistics.variance(v) / len(v) for v in (a, b)) ** 0.5
 
 
 def fmt_diff(diff: float) -> str:
     """'+0.14'; three decimals where two would round to zero ('-0.004'), so the sign stays readable;
-    '+0.00' for equal means (float noise below 1e-9 included)."""
-    if abs(diff) <= 1e-9:
+    '+0.00' for equal means (float noise below TIE included)."""
+    if abs(diff) <= TIE:
         return "+0.00"
     return f"{diff:+.2f}" if abs(diff) >= 0.005 else f"{diff:+.3f}"
 
@@ -163,13 +167,13 @@ def bn_vs_plain_table(runs: dict[Key, list[dict[str, str]]]) -> list[str]:
             plain, bn = default_qat(runs, dataset, "cnn", bits), default_qat(runs, dataset, "cnn_bn", bits)
             if not plain or not bn:
                 continue
-            diff = (statistics.fmean(float(r["int_acc"]) for r in bn)
-                    - statistics.fmean(float(r["int_acc"]) for r in plain))
-            se = diff_std_error(plain, bn)
+            plain_acc, bn_acc = ([float(r["int_acc"]) for r in runs] for runs in (plain, bn))
+            diff = statistics.fmean(bn_acc) - statistics.fmean(plain_acc)
+            se = diff_std_error(plain_acc, bn_acc)
             seeds = "" if len(plain) == len(bn) == 1 else f" ({len(plain)} / {len(bn)} seeds)"
             lines.append(f"| {dataset_title(dataset, runs)} | {bits} | {default_quantizer(bits)}{seeds} "
                          f"| {fmt_acc(plain)} | {fmt_acc(bn)} | {fmt_diff(diff)} | {'—' if se is None else f'{se:.2f}'} "
-                         f"| {'yes' if diff >= -1e-9 else '**no**'} |")
+                         f"| {'yes' if diff >= -TIE else '**no**'} |")
     return lines if len(lines) > 2 else []
 
 
