@@ -29,7 +29,8 @@ import torch
 
 import quant
 from PTQ import load_float_model, print_table, write_outputs
-from train import RECIPES, check_distillation, check_matches, make_loaders, make_optimizer, model_recipe
+from train import (RECIPES, check_distillation, check_matches, load_teacher, make_loaders, make_optimizer,
+                   model_recipe)
 from utils.cli import RESUME_HINT, CLIError, check_names, one_line_errors, resolve_device, set_seed
 from utils.io import load_checkpoint, save_checkpoint, versions
 from utils.training import evaluate, train_epoch
@@ -53,7 +54,7 @@ QAT_RECIPES = {
     2: dict(quantizer="lsq", epochs=6, lr=1e-2, weight_decay=0.0, freeze_bn=0.0, freeze_observers=0.6),
 }
 COMMON = dict(optimizer="sgd", momentum=0.9, batch_size=128, observer="mse", calib_batches=32, ema_momentum=0.99,
-              kd_weight=0.0, kd_temp=1.0, bn_momentum=None)
+              kd_weight=0.0, kd_temp=1.0, teacher="", bn_momentum=None)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "quantized one (train.py's --kd-weight; the float checkpoint is the teacher) "
                    f"(default: QAT_RECIPES, else {COMMON['kd_weight']})")
     p.add_argument("--kd-temp", type=float, help=f"distillation temperature (default: {COMMON['kd_temp']})")
+    p.add_argument("--teacher", help="comma list of float checkpoints whose mean logits are distilled with --kd-weight "
+                   "(train.py's --teacher; default: the float checkpoint being quantized)")
     p.add_argument("--bn-momentum", type=float, help="PyTorch momentum of the BN running statistics during QAT, "
                    "before the BN freeze (default: QAT_RECIPES, else the float model's, 0.1)")
     p.add_argument("--observer", help=f"calibration (PTQ init) observer: mse, minmax or ema (default: {COMMON['observer']})")
@@ -118,12 +121,12 @@ def fill_recipe(args: argparse.Namespace) -> dict:
                    augment=train_recipe["augment"], kd_weight=0.0)
     cfg.update(dataset=args.dataset, model=args.model, bits=args.bits, seed=args.seed, from_scratch=args.from_scratch)
     for key in ("quantizer", "epochs", "lr", "weight_decay", "batch_size", "observer", "calib_batches", "augment",
-                "kd_weight", "kd_temp", "bn_momentum"):
+                "kd_weight", "kd_temp", "teacher", "bn_momentum"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     check_distillation(cfg)
-    if cfg["kd_weight"] > 0 and args.from_scratch:
-        raise CLIError("--from-scratch has no trained float model to distil; pass --kd-weight 0")
+    if cfg["kd_weight"] > 0 and args.from_scratch and not cfg["teacher"]:
+        raise CLIError("--from-scratch has no trained float model to distil; pass --kd-weight 0 or a --teacher")
     if cfg["bn_momentum"] is not None and not 0 < cfg["bn_momentum"] <= 1:
         raise CLIError(f"--bn-momentum must be in (0, 1], got {cfg['bn_momentum']}; PyTorch's default is 0.1")
     if args.dry_run and args.epochs is None:
@@ -196,6 +199,7 @@ def main() -> int:
     if cfg["bn_momentum"] is not None:
         quant.set_bn_momentum(qmodel, cfg["bn_momentum"])
     opt, sched = make_optimizer(qmodel, cfg, len(train))
+    teacher = load_teacher(cfg, device) if cfg["teacher"] else model
 
     start, metrics, ran = 0, {}, False
     if args.resume:
@@ -222,7 +226,7 @@ def main() -> int:
         train.set_epoch(epoch)
         metrics = train_epoch(qmodel, train, opt, sched, device, cfg["label_smoothing"],
                               desc=f"qat {epoch + 1}/{cfg['epochs']}", after_step=schedule.after_step,
-                              teacher=model, kd_weight=cfg["kd_weight"], kd_temp=cfg["kd_temp"])
+                              teacher=teacher, kd_weight=cfg["kd_weight"], kd_temp=cfg["kd_temp"])
         metrics.update(eval_fq(qmodel, test, device))
         metrics["epoch"], metrics["ptq_fq_acc"], ran = epoch + 1, ptq_acc, True
         frozen = [name for name, s in (("bn", schedule.bn_step), ("ranges", schedule.obs_step)) if schedule.step >= s]
@@ -247,7 +251,7 @@ def main() -> int:
            "calib_batch_size": cfg["batch_size"], "seed": args.seed, "method": "qat",
            **{k: cfg[k] for k in ("quantizer", "epochs", "lr", "weight_decay", "momentum", "batch_size",
                                   "freeze_bn", "freeze_observers", "from_scratch", "augment",
-                                  "kd_weight", "kd_temp", "bn_momentum")},
+                                  "kd_weight", "kd_temp", "teacher", "bn_momentum")},
            "ptq_fq_acc": round(ptq_acc, 2), "float_acc": round(res["float_acc"], 2), "fq_acc": round(res["fq_acc"], 2),
            "int_acc": round(res["int_acc"], 2), "agreement": round(res["agreement"], 3),
            "int_seconds": round(res["int_seconds"], 2), "float_seconds": round(res["float_seconds"], 2),
