@@ -54,7 +54,8 @@ QAT_RECIPES = {
     2: dict(quantizer="lsq", epochs=6, lr=1e-2, weight_decay=0.0, freeze_bn=0.0, freeze_observers=0.6),
 }
 COMMON = dict(optimizer="sgd", momentum=0.9, batch_size=128, observer="mse", calib_batches=32, ema_momentum=0.99,
-              kd_weight=0.0, kd_temp=1.0, teacher="", bn_momentum=None)
+              kd_weight=0.0, kd_temp=1.0, teacher="", bn_momentum=None,
+              fold_grad_scale=False)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,6 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(train.py's --teacher; default: the float checkpoint being quantized)")
     p.add_argument("--bn-momentum", type=float, help="PyTorch momentum of the BN running statistics during QAT, "
                    "before the BN freeze (default: QAT_RECIPES, else the float model's, 0.1)")
+    p.add_argument("--fold-grad-scale", action=argparse.BooleanOptionalAction, default=None,
+                   help="scale each fused Conv+BN weight's gradient by (sigma/gamma)^2 so its folded weight "
+                   "steps like a plain conv's (default: QAT_RECIPES, else off)")
     p.add_argument("--observer", help=f"calibration (PTQ init) observer: mse, minmax or ema (default: {COMMON['observer']})")
     p.add_argument("--calib-batches", type=int, help=f"training batches for calibration (default: {COMMON['calib_batches']})")
     p.add_argument("--rounding", default="ref", help="integer requantization: ref, builtin or xnnpack (default: %(default)s)")
@@ -121,7 +125,7 @@ def fill_recipe(args: argparse.Namespace) -> dict:
                    augment=train_recipe["augment"], kd_weight=0.0)
     cfg.update(dataset=args.dataset, model=args.model, bits=args.bits, seed=args.seed, from_scratch=args.from_scratch)
     for key in ("quantizer", "epochs", "lr", "weight_decay", "batch_size", "observer", "calib_batches", "augment",
-                "kd_weight", "kd_temp", "teacher", "bn_momentum"):
+                "kd_weight", "kd_temp", "teacher", "bn_momentum", "fold_grad_scale"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     check_distillation(cfg)
@@ -198,6 +202,7 @@ def main() -> int:
     qmodel = build_qat_model(model, qcfg, qat_cfg, train)
     if cfg["bn_momentum"] is not None:
         quant.set_bn_momentum(qmodel, cfg["bn_momentum"])
+    quant.set_fold_grad_scale(qmodel, cfg["fold_grad_scale"])
     opt, sched = make_optimizer(qmodel, cfg, len(train))
     teacher = load_teacher(cfg, device) if cfg["teacher"] else model
 
@@ -251,7 +256,7 @@ def main() -> int:
            "calib_batch_size": cfg["batch_size"], "seed": args.seed, "method": "qat",
            **{k: cfg[k] for k in ("quantizer", "epochs", "lr", "weight_decay", "momentum", "batch_size",
                                   "freeze_bn", "freeze_observers", "from_scratch", "augment",
-                                  "kd_weight", "kd_temp", "teacher", "bn_momentum")},
+                                  "kd_weight", "kd_temp", "teacher", "bn_momentum", "fold_grad_scale")},
            "ptq_fq_acc": round(ptq_acc, 2), "float_acc": round(res["float_acc"], 2), "fq_acc": round(res["fq_acc"], 2),
            "int_acc": round(res["int_acc"], 2), "agreement": round(res["agreement"], 3),
            "int_seconds": round(res["int_seconds"], 2), "float_seconds": round(res["float_seconds"], 2),

@@ -18,7 +18,7 @@ from quant.integer import IntModel
 from quant.modules import LSQQuantize
 from quant.qparams import QParams, choose_qparams, dequantize, fake_quantize, quantize as quantize_tensor
 from quant.qat import (clamp_lsq_, frozen_act_observers, prepare_qat, set_act_observers, set_bn_frozen,
-                       set_bn_momentum)
+                       set_bn_momentum, set_fold_grad_scale)
 from quant.transforms import calibrate, calibration_mode, convert, quantize, set_fake_quant, set_observers, set_requant
 
 __all__ = [
@@ -27,6 +27,6 @@ __all__ = [
     "save_quantized", "load_quantized", "save_integer", "load_integer",
     "choose_qparams", "quantize_tensor", "dequantize", "fake_quantize", "fold_bn",
     "quantize_multiplier", "multiply_by_quantized_multiplier",
-    "prepare_qat", "set_bn_frozen", "set_bn_momentum", "set_act_observers", "frozen_act_observers", "clamp_lsq_",
+    "prepare_qat", "set_bn_frozen", "set_bn_momentum", "set_fold_grad_scale", "set_act_observers", "frozen_act_observers", "clamp_lsq_",
     "export_tflite", "TFLiteRunner",
 ]

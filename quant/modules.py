@@ -370,6 +370,25 @@ class QConvReLU(QConv2d):
     pattern = (nn.Conv2d, nn.ReLU)
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity in the forward pass; the gradient times ``scale`` (no gradient for ``scale``) backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(scale)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (scale,) = ctx.saved_tensors
+        return grad * scale, None
+
+
+def _scale_grad(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x`` in the forward pass; its gradient multiplied by ``scale`` (broadcast) in the backward pass."""
+    return _ScaleGrad.apply(x, scale)
+
+
 class QConvBNReLU(QConv2d):
     """Conv2d + BatchNorm2d (+ ReLU) fused; BN folded into the conv with ``fold_bn_params``.
 
@@ -389,6 +408,10 @@ class QConvBNReLU(QConv2d):
 
     #: QAT switch (not saved in the state dict; QAT.py sets it from its step count)
     bn_frozen = False
+    #: QAT option (not saved): in training, scale the conv weight's gradient by (sigma_run / gamma)^2 per
+    #: output channel, so that an SGD step moves the folded weight w' = w * gamma / sigma_run as far as
+    #: a plain conv's weight would move for the same gradient (otherwise (gamma / sigma_run)^2 times as far)
+    fold_grad_scale = False
 
     pattern = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU)
 
@@ -408,9 +431,20 @@ class QConvBNReLU(QConv2d):
         """From ``[Conv2d, BatchNorm2d]`` or ``[Conv2d, BatchNorm2d, ReLU]``."""
         return cls(mods[0], mods[1], cfg, relu=any(isinstance(m, nn.ReLU) for m in mods))
 
+    def _shadow_weight(self) -> torch.Tensor:
+        """``self.weight``, with its gradient rescaled in training when ``fold_grad_scale`` is on."""
+        if not (self.training and self.fold_grad_scale):
+            return self.weight
+        bn = self.bn
+        ratio = (bn.running_var + bn.eps).detach()
+        if bn.weight is not None:
+            ratio = ratio / bn.weight.detach().square().clamp_min(1e-12)
+        return _scale_grad(self.weight, ratio.reshape(-1, 1, 1, 1))
+
     def float_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         bn = self.bn
-        return fold_bn_params(self.weight, self.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+        return fold_bn_params(self._shadow_weight(), self.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                              bn.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.bn_frozen:
@@ -420,7 +454,7 @@ class QConvBNReLU(QConv2d):
         factor = torch.rsqrt(bn.running_var + bn.eps)
         if bn.weight is not None:
             factor = bn.weight * factor                    # gamma / sigma_run, (C,)
-        wq = self.weight_quant(self.weight * factor.reshape(-1, 1, 1, 1))
+        wq = self.weight_quant(self._shadow_weight() * factor.reshape(-1, 1, 1, 1))
         z = self._op(x, wq, None) / factor.reshape(1, -1, 1, 1)  # conv(x, fq(w')) * sigma_run / gamma
         if self.bias is not None:
             z = z + self.bias.reshape(1, -1, 1, 1)

@@ -61,6 +61,14 @@ def set_bn_momentum(model: nn.Module, momentum: float) -> None:
             m.bn.momentum = momentum
 
 
+def set_fold_grad_scale(model: nn.Module, enabled: bool) -> None:
+    """Scale (True) the conv weight gradient of every fused Conv+BN layer by (sigma_run / gamma)^2 in
+    training, so that its folded weight takes the steps a plain conv's weight would (QConvBNReLU)."""
+    for m in model.modules():
+        if isinstance(m, QConvBNReLU):
+            m.fold_grad_scale = enabled
+
+
 @contextlib.contextmanager
 def frozen_act_observers(model: nn.Module) -> Iterator[nn.Module]:
     """Evaluate without moving any range: activation observers frozen inside, restored on exit."""
