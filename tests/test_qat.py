@@ -313,8 +313,46 @@ def test_distillation_flags_recorded_and_checked(tmp_path):
     assert r.returncode == 0, r.stderr
     row = json.loads(r.stdout.strip().splitlines()[-1])
     assert row["kd_weight"] == 0.5 and row["bn_momentum"] == 0.02 and row["agreement"] == 100.0
+    # another teacher than the float checkpoint: train.py's --teacher list, recorded in the row
+    r = run_script("QAT.py", "--dry-run", "--device", "cpu", "--model", "cnn_bn", "--bits", "4", "--calib-batches", "2",
+                   "--kd-weight", "0.5", "--teacher", "ckpt/fashion_mnist_cnn.pt,ckpt/fashion_mnist_cnn_bn.pt",
+                   "--results", str(csv_path), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["teacher"] == "ckpt/fashion_mnist_cnn.pt,ckpt/fashion_mnist_cnn_bn.pt"
     for argv, expected in ((("--from-scratch", "--kd-weight", "0.5"), "no trained float model to distil"),
+                           (("--kd-weight", "0.5", "--teacher", "ckpt/cifar10_cnn.pt"), "not a fashion_mnist model"),
                            (("--bn-momentum", "1.5"), "--bn-momentum must be in (0, 1]")):
         r = run_script("QAT.py", "--dry-run", "--device", "cpu", *argv)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and expected in lines[0], (argv, r.stderr)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_fold_grad_scale_scales_only_the_folded_conv_weight_gradient(frozen):
+    """--fold-grad-scale: the forward is unchanged, the fused conv weight's gradient is multiplied by
+    (sigma_run / gamma)^2 per output channel, every other gradient is unchanged."""
+    qmodel = _qat_model(quantizer="lsq")
+    layer = qmodel[0]
+    with torch.no_grad():
+        layer.bn.weight.uniform_(0.5, 3.0)
+        layer.bn.running_var.uniform_(0.1, 2.0)
+    quant.set_bn_frozen(qmodel, frozen)
+    x, y = _batches(1, seed=5)[0]
+    state = {k: v.clone() for k, v in layer.bn.state_dict().items()}
+    outs, grads = [], []
+    for on in (False, True):
+        layer.bn.load_state_dict(state)  # the unfrozen forward moves the running statistics
+        quant.set_fold_grad_scale(qmodel, on)
+        qmodel.zero_grad()
+        out = qmodel(x)
+        F.cross_entropy(out, y).backward()
+        outs.append(out.detach())
+        grads.append({n: p.grad.clone() for n, p in qmodel.named_parameters() if p.grad is not None})
+    assert torch.equal(outs[0], outs[1])
+    bn = layer.bn
+    ratio = ((state["running_var"] + bn.eps) / bn.weight.detach().square()).reshape(-1, 1, 1, 1)
+    name = "0.weight"
+    assert not torch.allclose(ratio, torch.ones_like(ratio))
+    torch.testing.assert_close(grads[1][name], grads[0][name] * ratio)
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0] if n != name)
