@@ -8,7 +8,8 @@ quant.quantize, calibrates the activation ranges on training batches, converts t
 engine, and evaluates on the test set: float, fake-quant and integer accuracy, and the share of test
 images where fake-quant and integer argmax agree; also the accuracy of fake quantization that rounds
 once per layer (round(y / s_out)) instead of like the runtime. Appends one row to results/ptq.csv and saves the
-integer model to results/ckpt/ptq_<dataset>_<model>_<tag>_<observer>.pt.
+integer model to results/ckpt/ptq_<dataset>_<model>_<tag>_<observer>.pt (with --weight-range mse:
+..._<observer>-wmse.pt).
 """
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bits", type=int, default=8, help="bits of every weight and activation, 2..8 (default: %(default)s)")
     p.add_argument("--per-tensor", action="store_true", help="one scale per conv weight tensor (default: per channel)")
     p.add_argument("--observer", default="mse", help="activation observer: mse (clipped for least squared error), minmax or ema (default: %(default)s)")
+    p.add_argument("--weight-range", default="minmax", help="weight range per channel: minmax (max |w|) or mse "
+                   "(clipped for least squared error) (default: %(default)s)")
     p.add_argument("--calib-batches", type=int, default=32, help="training batches for calibration (default: %(default)s)")
     p.add_argument("--calib-batch-size", type=int, default=256, help="images per calibration batch (default: %(default)s)")
     p.add_argument("--rounding", default="ref", help="integer requantization: ref, builtin or xnnpack (default: %(default)s)")
@@ -47,6 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                           "unless --out/--results are given")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
     return p.parse_args(argv)
+
+
+def range_suffix(cfg: quant.QuantConfig) -> str:
+    """File-name suffix of a non-default weight range ('' for min/max, '-wmse' for mse)."""
+    return "" if cfg.weight_range == "minmax" else f"-w{cfg.weight_range}"
 
 
 def load_float_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
@@ -89,7 +97,8 @@ def main() -> int:
     args = parse_args()
     t0 = time.perf_counter()
     cfg = quant.QuantConfig(weight_bits=args.bits, act_bits=args.bits, per_channel=not args.per_tensor,
-                            observer=args.observer, calib_batches=args.calib_batches, rounding=args.rounding)
+                            observer=args.observer, weight_range=args.weight_range, calib_batches=args.calib_batches,
+                            rounding=args.rounding)
     device = resolve_device(args.device)
     set_seed(args.seed)
     model, ckpt_path = load_float_model(args)
@@ -114,7 +123,7 @@ def main() -> int:
            "device": str(device), **versions()}
     print_table(row)
     write_outputs(args, imodel, row, "ptq",
-                  Path(args.out or f"results/ckpt/ptq_{args.dataset}_{args.model}_{cfg.tag}_{cfg.observer}.pt"))
+                  Path(args.out or f"results/ckpt/ptq_{args.dataset}_{args.model}_{cfg.tag}_{cfg.observer}{range_suffix(cfg)}.pt"))
     return 0
 
 

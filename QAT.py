@@ -55,7 +55,8 @@ QAT_RECIPES = {
     3: dict(quantizer="lsq", epochs=4, lr=1e-2, weight_decay=5e-5, freeze_bn=0.6, freeze_observers=0.6),
     2: dict(quantizer="lsq", epochs=6, lr=1e-2, weight_decay=0.0, freeze_bn=0.0, freeze_observers=0.6),
 }
-COMMON = dict(optimizer="sgd", momentum=0.9, batch_size=128, observer="mse", calib_batches=32, ema_momentum=0.99,
+COMMON = dict(optimizer="sgd", momentum=0.9, batch_size=128, observer="mse", weight_range="minmax", calib_batches=32,
+              ema_momentum=0.99,
               kd_weight=0.0, kd_temp=1.0, teacher="", bn_momentum=None,
               fold_grad_scale=False)
 
@@ -90,6 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="scale each fused Conv+BN weight's gradient by (sigma/gamma)^2 so its folded weight "
                    "steps like a plain conv's (default: QAT_RECIPES, else off)")
     p.add_argument("--observer", help=f"calibration (PTQ init) observer: mse, minmax or ema (default: {COMMON['observer']})")
+    p.add_argument("--weight-range", choices=("minmax", "mse"), help="weight range per channel, the PTQ start of "
+                   "ste's ranges and lsq's step sizes: minmax (max |w|) or mse (clipped for least squared error) "
+                   f"(default: QAT_RECIPES, else {COMMON['weight_range']})")
     p.add_argument("--calib-batches", type=int, help=f"training batches for calibration (default: {COMMON['calib_batches']})")
     p.add_argument("--rounding", default="ref", help="integer requantization: ref, builtin or xnnpack (default: %(default)s)")
     p.add_argument("--per-tensor", action="store_true", help="one scale per conv weight tensor (default: per channel)")
@@ -126,8 +130,8 @@ def fill_recipe(args: argparse.Namespace) -> dict:
         cfg.update(epochs=train_recipe["epochs"], lr=train_recipe["lr"], weight_decay=train_recipe["weight_decay"],
                    augment=train_recipe["augment"], kd_weight=0.0)
     cfg.update(dataset=args.dataset, model=args.model, bits=args.bits, seed=args.seed, from_scratch=args.from_scratch)
-    for key in ("quantizer", "epochs", "lr", "weight_decay", "batch_size", "observer", "calib_batches", "augment",
-                "kd_weight", "kd_temp", "teacher", "bn_momentum", "fold_grad_scale"):
+    for key in ("quantizer", "epochs", "lr", "weight_decay", "batch_size", "observer", "weight_range", "calib_batches",
+                "augment", "kd_weight", "kd_temp", "teacher", "bn_momentum", "fold_grad_scale"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     check_distillation(cfg)
@@ -190,7 +194,8 @@ def main() -> int:
     t0 = time.perf_counter()
     cfg = fill_recipe(args)
     qcfg = quant.QuantConfig(weight_bits=args.bits, act_bits=args.bits, per_channel=not args.per_tensor,
-                             observer=cfg["observer"], calib_batches=cfg["calib_batches"], rounding=args.rounding,
+                             observer=cfg["observer"], weight_range=cfg["weight_range"],
+                             calib_batches=cfg["calib_batches"], rounding=args.rounding,
                              ema_momentum=cfg["ema_momentum"])
     qat_cfg = quant.QATConfig(quantizer=cfg["quantizer"], freeze_bn=cfg["freeze_bn"],
                               freeze_observers=cfg["freeze_observers"], ema_momentum=cfg["ema_momentum"])

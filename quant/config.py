@@ -20,7 +20,9 @@ class QuantConfig:
     per_channel: per-output-channel scales for conv weights (fully-connected weights are
         always per tensor, as in the TFLite spec).
     observer: activation observer name from ``quant.observers.OBSERVERS`` ('minmax', 'ema').
-        Weights always use the min/max of the current weight tensor.
+    weight_range: how the symmetric range of the current weights is chosen (per channel or tensor):
+        'minmax' (max |w|) or 'mse' (max |w| clipped to the least squared quantization error,
+        ``quant.observers.WeightMSEObserver``).
     ema_momentum: for the 'ema' observer, the weight of the old value:
         running = m * running + (1 - m) * batch_value (the first batch initialises).
     calib_batches: how many training batches PTQ calibration sees.
@@ -32,12 +34,13 @@ class QuantConfig:
     act_bits: int = 8
     per_channel: bool = True
     observer: str = "minmax"
+    weight_range: str = "minmax"
     ema_momentum: float = 0.9
     calib_batches: int = 32
     rounding: str = "ref"
 
     def __post_init__(self) -> None:
-        from quant.observers import OBSERVERS
+        from quant.observers import OBSERVERS, WEIGHT_RANGES
 
         for name in ("weight_bits", "act_bits"):
             v = getattr(self, name)
@@ -47,6 +50,8 @@ class QuantConfig:
             raise QuantError(f"per_channel must be True or False, got {self.per_channel!r}")
         if self.observer not in OBSERVERS:
             raise QuantError(f"unknown observer {self.observer!r}; choose one of: {', '.join(OBSERVERS)}")
+        if self.weight_range not in WEIGHT_RANGES:
+            raise QuantError(f"unknown weight_range {self.weight_range!r}; choose one of: {', '.join(WEIGHT_RANGES)}")
         m = self.ema_momentum
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0.0 <= m < 1.0:
             raise QuantError(f"ema_momentum must be a number in [0, 1), got {m!r}; 0.9 is a good default")

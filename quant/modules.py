@@ -33,7 +33,7 @@ from quant.config import QuantConfig
 from quant.errors import QuantError
 from quant.fixed_point import INT32_MAX, INT32_MIN
 from quant.fold import fold_bn_params
-from quant.observers import MinMaxObserver, Observer, build_observer
+from quant.observers import WEIGHT_RANGES, Observer, build_observer
 from quant.qparams import QParams, dequantize, fake_quantize, quantize, round_half_away
 
 
@@ -80,9 +80,10 @@ def act_quantizer(cfg: QuantConfig) -> FakeQuantize:
 
 
 def weight_quantizer(cfg: QuantConfig, per_channel: bool) -> FakeQuantize:
-    """Weight quantizer: symmetric narrow weight_bits from the current weights (per channel on dim 0)."""
-    return FakeQuantize(MinMaxObserver(cfg.weight_bits, symmetric=True, narrow=True,
-                                       axis=0 if per_channel else None), dynamic=True)
+    """Weight quantizer: symmetric narrow weight_bits from the current weights (per channel on dim 0),
+    range by ``cfg.weight_range`` (min/max, or clipped to the least squared error)."""
+    return FakeQuantize(WEIGHT_RANGES[cfg.weight_range](cfg.weight_bits, symmetric=True, narrow=True,
+                                                        axis=0 if per_channel else None), dynamic=True)
 
 
 _TINY = torch.finfo(torch.float32).tiny
