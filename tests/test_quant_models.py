@@ -56,12 +56,13 @@ def test_eval_fake_quant_simulates_the_runtime_requantization(name, bits, roundi
         quant.set_requant(q, "floor")
 
 
-@pytest.mark.parametrize("bits", [8, 4], ids=lambda b: f"w{b}a{b}-per_channel")
+@pytest.mark.parametrize("weight_range,bits", [("minmax", 8), ("minmax", 4), ("mse", 4)],
+                         ids=lambda v: f"w{v}a{v}-per_channel" if isinstance(v, int) else v)
 @pytest.mark.parametrize("name", ["cnn", "cnn_bn"])
 @pytest.mark.parametrize("dataset", ["fashion_mnist", "cifar10"])
-def test_whole_model_integer_matches_fake_quant(dataset, name, bits):
+def test_whole_model_integer_matches_fake_quant(dataset, name, weight_range, bits):
     model, batch = synthetic_setup(name, dataset)
-    q = quant.quantize(model, QuantConfig(weight_bits=bits, act_bits=bits))
+    q = quant.quantize(model, QuantConfig(weight_bits=bits, act_bits=bits, weight_range=weight_range))
     quant.calibrate(q, [batch(256)[0] for _ in range(2)])
     im = quant.convert(q)
     x, y = batch(1000)

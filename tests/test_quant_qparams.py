@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from quant import QuantConfig, QuantError
-from quant.observers import OBSERVERS, EMAObserver, MinMaxObserver, build_observer
+from quant.observers import OBSERVERS, EMAObserver, MinMaxObserver, WeightMSEObserver, build_observer
 from quant.qparams import QParams, choose_qparams, dequantize, fake_quantize, qrange, quantize, round_half_away
 
 BITS = list(range(2, 9))
@@ -120,6 +120,35 @@ def test_observers():
         build_observer("minmax", 8).calculate_qparams()
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8], ids=lambda b: f"b{b}")
+def test_weight_mse_range_is_the_least_error_clip_per_channel(bits):
+    """Each channel's range is the grid ratio of max |w| with the least squared error (at most the
+    min/max range's error); a channel that its full range represents exactly keeps it."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(5, 8, 3, 3, generator=g) * torch.tensor([0.1, 1.0, 3.0, 0.5, 2.0]).reshape(-1, 1, 1, 1)
+    w[0] = torch.where(w[0] < 0, -0.1, 0.1)   # every |w| = 0.1: the full range is exact
+    obs = WeightMSEObserver(bits, symmetric=True, narrow=True, axis=0)
+    obs(w)
+    qp = obs.calculate_qparams()
+    amax = w.reshape(5, -1).abs().amax(1)
+    clip = obs.max_val
+    assert torch.equal(obs.min_val, -clip) and (clip <= amax).all() and (clip >= 0.3 * amax * (1 - 1e-6)).all()
+
+    def err(scale):
+        q = QParams(scale, torch.zeros(5, dtype=torch.int32), -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1, 0)
+        return (fake_quantize(w, q) - w).pow(2).reshape(5, -1).sum(1)
+
+    minmax = choose_qparams(-amax, amax, bits, True, True, 0)
+    assert (err(qp.scale) <= err(minmax.scale) * (1 + 1e-6)).all()
+    for a in (0.3, 0.55, 0.8, 0.99):  # no other grid ratio does better
+        assert (err(qp.scale) <= err(minmax.scale * a) * (1 + 1e-6)).all()
+    if bits <= 3:
+        assert (clip[1:] < amax[1:]).all()  # Gaussian channels: the tails are clipped at 2-3 bits
+    assert clip[0] == amax[0] and err(qp.scale)[0] < 1e-12  # exact at the full range (ties keep the widest)
+    with pytest.raises(QuantError, match="symmetric"):
+        WeightMSEObserver(4, symmetric=False)(w)
+
+
 def test_observer_state_dict_roundtrip():
     obs = MinMaxObserver(8, symmetric=True, narrow=True, axis=0)
     obs(torch.randn(4, 5))
@@ -133,7 +162,7 @@ def test_observer_state_dict_roundtrip():
     ({"weight_bits": 9}, "weight_bits"), ({"act_bits": 1}, "act_bits"), ({"weight_bits": 4.0}, "weight_bits"),
     ({"observer": "percentile9"}, "observer"), ({"ema_momentum": 1.0}, "ema_momentum"),
     ({"calib_batches": 0}, "calib_batches"), ({"rounding": "tflite"}, "rounding"),
-    ({"per_channel": "yes"}, "per_channel"),
+    ({"per_channel": "yes"}, "per_channel"), ({"weight_range": "percentile"}, "weight_range"),
 ])
 def test_config_validation(kwargs, match):
     with pytest.raises(QuantError, match=match) as e:
