@@ -93,31 +93,32 @@ def test_render_results_md_exact_tables():
 
 
 def test_bn_vs_plain_table_compares_seed_means_of_the_default_quantizer():
+    q6 = QAT.QAT_RECIPES[6]["quantizer"]  # the 6-bit lines use the 6-bit default, whichever it is
     rows = [_row("fashion_mnist", "cnn", 4, "qat-lsq", 0, 90.5, group="a"),
             _row("fashion_mnist", "cnn", 4, "qat-lsq", 1, 90.9, group="a"),
             _row("fashion_mnist", "cnn_bn", 4, "qat-lsq", 0, 90.6, group="b"),
             _row("fashion_mnist", "cnn_bn", 4, "qat-ste", 0, 99.0, group="c"),  # not the 4-bit default
             _row("fashion_mnist", "cnn", 8, "qat-ste", 0, 91.3, group="d"),
             _row("fashion_mnist", "cnn_bn", 8, "qat-ste", 0, 91.5, group="e"),
-            _row("fashion_mnist", "cnn", 6, "qat-ste", 0, 91.0, group="g"),
-            _row("fashion_mnist", "cnn", 6, "qat-ste", 1, 91.2, group="g"),
-            _row("fashion_mnist", "cnn_bn", 6, "qat-ste", 0, 91.3, group="h"),
-            _row("fashion_mnist", "cnn_bn", 6, "qat-ste", 1, 91.7, group="h"),
+            _row("fashion_mnist", "cnn", 6, f"qat-{q6}", 0, 91.0, group="g"),
+            _row("fashion_mnist", "cnn", 6, f"qat-{q6}", 1, 91.2, group="g"),
+            _row("fashion_mnist", "cnn_bn", 6, f"qat-{q6}", 0, 91.3, group="h"),
+            _row("fashion_mnist", "cnn_bn", 6, f"qat-{q6}", 1, 91.7, group="h"),
             _row("cifar10", "cnn", 4, "qat-lsq", 0, 76.0, group="f", source="jpeg-copy")]  # no cnn_bn: no line
     # 6 bits: means 91.1 and 91.5, sample variances 0.02 and 0.08 over 2 seeds: se = sqrt(0.01 + 0.04)
     assert bn_vs_plain_table(select_runs(rows)) == [
         "| data set | bits | quantizer | cnn | cnn_bn | cnn_bn − cnn (means) | its standard error | cnn_bn ≥ cnn |",
         "|---|---|---|---|---|---|---|---|",
         "| Fashion-MNIST | 8 | ste | 91.30% | 91.50% | +0.20 | — | yes |",
-        "| Fashion-MNIST | 6 | ste (2 / 2 seeds) | 91.10 ± 0.14% | 91.50 ± 0.28% | +0.40 | 0.22 | yes |",
+        f"| Fashion-MNIST | 6 | {q6} (2 / 2 seeds) | 91.10 ± 0.14% | 91.50 ± 0.28% | +0.40 | 0.22 | yes |",
         "| Fashion-MNIST | 4 | lsq (2 / 1 seeds) | 90.70 ± 0.28% | 90.60% | -0.10 | — | **no** |"]
     assert bn_vs_plain_table(select_runs(rows[-1:])) == []
-    near_tie = [_row("fashion_mnist", "cnn", 6, "qat-ste", 0, 91.704, group="a"),
-                _row("fashion_mnist", "cnn_bn", 6, "qat-ste", 0, 91.700, group="b")]
+    near_tie = [_row("fashion_mnist", "cnn", 6, f"qat-{q6}", 0, 91.704, group="a"),
+                _row("fashion_mnist", "cnn_bn", 6, f"qat-{q6}", 0, 91.700, group="b")]
     assert bn_vs_plain_table(select_runs(near_tie))[-1].endswith("| -0.004 | — | **no** |")
-    tie = [_row("fashion_mnist", "cnn", 6, "qat-ste", 0, 91.7, group="a"),
-           _row("fashion_mnist", "cnn", 6, "qat-ste", 1, 91.6, group="a"),
-           _row("fashion_mnist", "cnn_bn", 6, "qat-ste", 0, 91.65, group="b")]  # equal means
+    tie = [_row("fashion_mnist", "cnn", 6, f"qat-{q6}", 0, 91.7, group="a"),
+           _row("fashion_mnist", "cnn", 6, f"qat-{q6}", 1, 91.6, group="a"),
+           _row("fashion_mnist", "cnn_bn", 6, f"qat-{q6}", 0, 91.65, group="b")]  # equal means
     assert bn_vs_plain_table(select_runs(tie))[-1].endswith("| +0.00 | — | yes |")
 
 
