@@ -51,7 +51,7 @@ QAT_RECIPES = {
     7: dict(quantizer="ste", epochs=1, lr=1e-3, weight_decay=1e-4, freeze_bn=0.5, freeze_observers=0.5),
     6: dict(quantizer="lsq", epochs=2, lr=2e-3, weight_decay=1e-4, freeze_bn=0.5, freeze_observers=0.5),
     5: dict(quantizer="lsq", epochs=2, lr=5e-3, weight_decay=1e-4, freeze_bn=0.5, freeze_observers=0.5),
-    4: dict(quantizer="lsq", epochs=3, lr=5e-3, weight_decay=1e-4, freeze_bn=0.6, freeze_observers=0.6),
+    4: dict(quantizer="lsq", epochs=4, lr=1e-2, weight_decay=5e-5, freeze_bn=0.6, freeze_observers=0.6),
     3: dict(quantizer="lsq", epochs=4, lr=1e-2, weight_decay=5e-5, freeze_bn=0.6, freeze_observers=0.6),
     2: dict(quantizer="lsq", epochs=6, lr=1e-2, weight_decay=0.0, freeze_bn=0.0, freeze_observers=0.6),
 }
