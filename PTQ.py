@@ -122,8 +122,8 @@ def main() -> int:
            "seconds": round(time.perf_counter() - t0, 1), "data_source": test.source, "float_ckpt": ckpt_path,
            "device": str(device), **versions()}
     print_table(row)
-    write_outputs(args, imodel, row, "ptq",
-                  Path(args.out or f"results/ckpt/ptq_{args.dataset}_{args.model}_{cfg.tag}_{cfg.observer}{range_suffix(cfg)}.pt"))
+    default_out = f"results/ckpt/ptq_{args.dataset}_{args.model}_{cfg.tag}_{cfg.observer}{range_suffix(cfg)}.pt"
+    write_outputs(args, imodel, row, "ptq", Path(args.out or default_out))
     return 0
 
 

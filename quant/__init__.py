@@ -27,6 +27,7 @@ __all__ = [
     "save_quantized", "load_quantized", "save_integer", "load_integer",
     "choose_qparams", "quantize_tensor", "dequantize", "fake_quantize", "fold_bn",
     "quantize_multiplier", "multiply_by_quantized_multiplier",
-    "prepare_qat", "set_bn_frozen", "set_bn_momentum", "set_fold_grad_scale", "set_act_observers", "frozen_act_observers", "clamp_lsq_",
+    "prepare_qat", "set_bn_frozen", "set_bn_momentum", "set_fold_grad_scale", "set_act_observers",
+    "frozen_act_observers", "clamp_lsq_",
     "export_tflite", "TFLiteRunner",
 ]

@@ -314,11 +314,11 @@ def test_distillation_flags_recorded_and_checked(tmp_path):
     row = json.loads(r.stdout.strip().splitlines()[-1])
     assert row["kd_weight"] == 0.5 and row["bn_momentum"] == 0.02 and row["agreement"] == 100.0
     # another teacher than the float checkpoint: train.py's --teacher list, recorded in the row
+    teachers = "ckpt/fashion_mnist_cnn.pt,ckpt/fashion_mnist_cnn_bn.pt"
     r = run_script("QAT.py", "--dry-run", "--device", "cpu", "--model", "cnn_bn", "--bits", "4", "--calib-batches", "2",
-                   "--kd-weight", "0.5", "--teacher", "ckpt/fashion_mnist_cnn.pt,ckpt/fashion_mnist_cnn_bn.pt",
-                   "--results", str(csv_path), "--json")
+                   "--kd-weight", "0.5", "--teacher", teachers, "--results", str(csv_path), "--json")
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout.strip().splitlines()[-1])["teacher"] == "ckpt/fashion_mnist_cnn.pt,ckpt/fashion_mnist_cnn_bn.pt"
+    assert json.loads(r.stdout.strip().splitlines()[-1])["teacher"] == teachers
     for argv, expected in ((("--from-scratch", "--kd-weight", "0.5"), "no trained float model to distil"),
                            (("--kd-weight", "0.5", "--teacher", "ckpt/cifar10_cnn.pt"), "not a fashion_mnist model"),
                            (("--bn-momentum", "1.5"), "--bn-momentum must be in (0, 1]")):
