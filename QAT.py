@@ -59,9 +59,7 @@ QAT_RECIPES = {
     2: dict(quantizer="lsq", epochs=6, lr=1e-2, weight_decay=0.0, freeze_bn=0.0, freeze_observers=0.6),
 }
 COMMON = dict(optimizer="sgd", momentum=0.9, batch_size=128, observer="mse", weight_range="minmax", calib_batches=32,
-              ema_momentum=0.99,
-              kd_weight=0.0, kd_temp=1.0, teacher="", bn_momentum=None,
-              fold_grad_scale=False)
+              ema_momentum=0.99, kd_weight=0.0, kd_temp=1.0, teacher="", bn_momentum=None, fold_grad_scale=False)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from quant.errors import QuantError
-from quant.qparams import QParams, choose_qparams, fake_quantize
+from quant.qparams import QParams, choose_qparams, fake_quantize, qrange, round_half_away
 
 OBSERVERS: dict[str, type["Observer"]] = {}
 
@@ -51,12 +51,15 @@ class Observer(nn.Module):
         self.min_val = torch.empty(0, device=self.min_val.device)
         self.max_val = torch.empty(0, device=self.max_val.device)
 
-    def _batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _channels(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` detached, in float, as (channels along ``axis``, values)."""
         x = x.detach().float()
+        return x.transpose(0, self.axis).reshape(x.shape[self.axis], -1)
+
+    def _batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.axis is None:
-            return torch.aminmax(x)
-        x = x.transpose(0, self.axis).reshape(x.shape[self.axis], -1)
-        return torch.aminmax(x, dim=1)
+            return torch.aminmax(x.detach().float())
+        return torch.aminmax(self._channels(x), dim=1)
 
     def _update(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         raise NotImplementedError
@@ -181,15 +184,14 @@ class WeightMSEObserver(MinMaxObserver):
             return x
         if not self.symmetric:
             raise QuantError("the weight mse range is symmetric; build it with symmetric=True")
-        w = x.detach().float()
-        w = w.reshape(1, -1) if self.axis is None else w.transpose(0, self.axis).reshape(w.shape[self.axis], -1)
+        w = x.detach().float().reshape(1, -1) if self.axis is None else self._channels(x)
         amax = w.abs().amax(1)                                          # (C,)
-        qmax = 2 ** (self.bits - 1) - 1 if self.narrow else 2 ** (self.bits - 1)
+        qmin, qmax = qrange(self.bits, self.symmetric, self.narrow)
         best, best_err = amax.clone(), None
         for a in self.ratios.tolist():
             clip = amax * a
             step = (clip / qmax).clamp_min(torch.finfo(torch.float32).tiny)[:, None]
-            q = torch.clamp(torch.sign(w) * torch.floor(w.abs() / step + 0.5), -qmax, qmax) * step
+            q = torch.clamp(round_half_away(w / step), qmin, qmax) * step
             err = (q - w).pow(2).sum(1)
             if best_err is None:
                 best_err = err
