@@ -9,10 +9,14 @@ run with ``ai-edge-litert`` (the LiteRT interpreter). Both are optional imports:
 a one-line ``QuantError`` with the pip command.
 
 The int8 file (``IntModel``) computes exactly what the integer engine computes, bit for bit, in each
-LiteRT kernel set with its matching ``IntModel.rounding`` (``MODES``):
+LiteRT kernel set with its matching ``IntModel.rounding`` (``MODES``). The emitter walks the engine's
+graph, one op per integer layer:
 
-    float32 input (N, H, W, C) -> QUANTIZE -> [CONV_2D (per-channel int8, int32 bias, fused RELU)
-    | MAX_POOL_2D | RESHAPE [-1, K] | FULLY_CONNECTED (per-tensor int8, int32 bias, fused RELU)]
+    float32 input (N, H, W, C) -> QUANTIZE -> graph of
+      CONV_2D / DEPTHWISE_CONV_2D (per-channel int8, int32 bias, fused RELU / RELU6 / RELU_N1_TO_1;
+        a PAD with the zero point first where TFLite's SAME cannot express the padding)
+      FULLY_CONNECTED (per-tensor int8), ADD (own output scale), CONCATENATION (shared scale),
+      MAX_POOL_2D / AVERAGE_POOL_2D / RESHAPE [-1, K] (the input's scale), MAXIMUM / MINIMUM (clamps)
     -> int8 logits (the engine's ``forward_int``)
 
 with ``int8_input=True`` the file takes the quantized int8 tensor instead (no QUANTIZE). Layout is
@@ -24,18 +28,22 @@ activation's clamp from the output scale and zero point only, clamped to the int
 [max(-128, zp), 127], none gives [-128, 127]; the tensor's quantization min/max are never read by a
 kernel. The b-bit clamps of the engine ([qmin_b, qmax_b], relu: [max(qmin_b, zp), qmax_b]) are
 therefore written as explicit MAXIMUM / MINIMUM ops with constant int8 bounds where they are narrower
-than what the fused activation gives. Each such clamp is deferred past MAX_POOL_2D and RESHAPE (they
-keep the scale and zero point, and max pooling commutes with a monotone clamp), so it runs on the
-pooled tensor. An engine converted with ``convert(..., clamp="int8")`` needs none: its file holds only
+than what the fused activation gives (so are stand-alone activations and clamps TFLite cannot fuse).
+Each such clamp is deferred past MAX_POOL_2D and RESHAPE (they keep the scale and zero point, and max
+pooling commutes with a monotone clamp), so it runs on the pooled tensor; any other consumer gets the
+clamped tensor. An engine converted with ``convert(..., clamp="int8")`` needs none: its file holds only
 the ops above.
 
-The float file (a float ``nn.Sequential`` of Conv2d, BatchNorm2d, ReLU, MaxPool2d, Flatten, Linear,
-Dropout, Identity) has the same graph in float32, with BatchNorm folded into the conv (``fold_bn``).
+The float file (any float model ``quant.quantize`` accepts) has the same graph in float32, read from the
+same normalised graph (``quant.graph``), with BatchNorm folded into the conv (``fold_bn``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+import math
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -45,8 +53,11 @@ import torch.nn as nn
 from quant.errors import QuantError
 from quant.fixed_point import INT32_MAX, quantize_multiplier
 from quant.fold import fold_bn
-from quant.integer import Dequantize, IntConv2d, IntFlatten, IntLinear, IntMaxPool2d, IntModel, QuantizeInput
-from quant.transforms import leaves
+from quant.graph import model_graph
+from quant.integer import IntModel
+from quant.kernels import (Dequantize, IntAdd, IntAvgPool2d, IntCat, IntClamp, IntConv2d, IntFlatten, IntLinear,
+                           IntMaxPool2d, QuantizeInput, act_range)
+from quant.qparams import QParams
 from utils.io import atomic_write_bytes
 
 #: interpreter mode (the name of the matching ``IntModel.rounding``) -> LiteRT ``OpResolverType`` member
@@ -61,6 +72,14 @@ OPS = {
     "FULLY_CONNECTED": (9, 4, 1),
     "MAXIMUM": (55, 2, 1),
     "MINIMUM": (57, 2, 1),
+    "DEPTHWISE_CONV_2D": (4, 3, 1),
+    "PAD": (34, 2, 1),
+    "ADD": (0, 2, 1),
+    "CONCATENATION": (2, 2, 1),
+    "AVERAGE_POOL_2D": (1, 2, 1),
+    "RELU": (19, 2, 1),
+    "RELU_N1_TO_1": (20, 2, 1),
+    "RELU6": (21, 2, 1),
 }
 
 INT8_MIN, INT8_MAX = -128, 127
@@ -240,46 +259,41 @@ def _serialize(g: _Graph, inputs: list[int], outputs: list[int], description: st
 
 
 # ---------------------------------------------------------------------------------------------------
-# Lowering: both model kinds become a list of plain layer records, then one emitter writes the ops.
+# Lowering: the integer engine's graph (or a float chain) becomes ops, one emitter per integer layer.
 
 @dataclass
 class _Layer:
-    """One op of the file. kind: 'conv' | 'pool' | 'flatten' | 'fc'. ``q`` holds the integer data
-    (None in the float file): {'in_scale', 'w_scale', 'out_scale', 'in_zp', 'out_zp', 'act': (lo, hi)}."""
+    """A weighted op of the file (conv or fully connected). ``q`` holds the integer data (None in the
+    float file): {'in_scale', 'w_scale', 'out_scale', 'in_zp', 'out_zp', 'act': (lo, hi)}."""
 
     kind: str
     name: str
-    weight: torch.Tensor | None = None  # conv (O, I, kh, kw), fc (O, K); int8 values or float32
+    weight: torch.Tensor  # conv (O, I, kh, kw), fc (O, K); int8 values or float32
     bias: torch.Tensor | None = None  # int32 or float32
-    relu: bool = False
+    act: tuple[float, float] | None = None  # fused activation's float bounds
     stride: tuple[int, int] = (1, 1)
     padding: tuple[int, int] = (0, 0)
     dilation: tuple[int, int] = (1, 1)
-    kernel: tuple[int, int] = (1, 1)  # pool
+    groups: int = 1
     q: dict[str, Any] | None = None
+
+
+@dataclass
+class _Val:
+    """A tensor of the file: its index, NCHW shape without the batch ((C, H, W) or (K,)), qparams
+    (None: float32), the range its producing ops guarantee and the b-bit range the engine clamps it to
+    (a pending clamp, emitted by ``flush``), and (C, H, W) when it was flattened from an image."""
+
+    t: int
+    shape: tuple[int, ...]
+    qp: tuple[float, int] | None
+    range: tuple[int, int] = (-128, 127)
+    clamp: tuple[int, int] = (-128, 127)
+    flat_from: tuple[int, int, int] | None = None
 
 
 def _pair(v: Any) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
-def _conv_record(name: str, weight: torch.Tensor, bias: torch.Tensor | None, m: Any, relu: bool,
-                 q: dict[str, Any] | None = None) -> _Layer:
-    if m.groups != 1:
-        raise QuantError(f"cannot export {name}: Conv2d with groups={m.groups} (DEPTHWISE_CONV_2D is not "
-                         f"supported yet); use groups=1")
-    if isinstance(m.padding, str):
-        raise QuantError(f"cannot export {name}: Conv2d padding={m.padding!r}; give the padding as integers")
-    return _Layer("conv", name, weight, bias, relu, _pair(m.stride), _pair(m.padding), _pair(m.dilation), q=q)
-
-
-def _pool_record(name: str, m: Any) -> _Layer:
-    k = _pair(m.kernel_size)
-    s = _pair(m.stride if m.stride is not None else m.kernel_size)
-    if _pair(m.padding) != (0, 0) or _pair(m.dilation) != (1, 1) or m.ceil_mode:
-        raise QuantError(f"cannot export {name}: MaxPool2d with padding, dilation or ceil_mode; only "
-                         f"unpadded, undilated pooling maps to MAX_POOL_2D")
-    return _Layer("pool", name, kernel=k, stride=s)
 
 
 def _int_q(layer: IntConv2d | IntLinear) -> dict[str, Any]:
@@ -287,61 +301,9 @@ def _int_q(layer: IntConv2d | IntLinear) -> dict[str, Any]:
             "in_zp": layer.in_zp, "out_zp": layer.out_zp, "act": (layer.act_min, layer.act_max)}
 
 
-def _int_records(imodel: IntModel) -> list[_Layer]:
-    """The integer engine's layers between QuantizeInput and Dequantize as records; an unsupported
-    layer raises ``QuantError`` naming it."""
-    out = []
-    for i, layer in enumerate(imodel.layers[1:-1], start=1):
-        name = f"layers.{i} ({type(layer).__name__})"
-        if isinstance(layer, IntConv2d):
-            out.append(_conv_record(name, layer.weight, layer.bias, layer, layer.relu, _int_q(layer)))
-        elif isinstance(layer, IntLinear):
-            out.append(_Layer("fc", name, layer.weight, layer.bias, layer.relu, q=_int_q(layer)))
-        elif isinstance(layer, IntMaxPool2d):
-            out.append(_pool_record(name, layer))
-        elif isinstance(layer, IntFlatten) and (layer.start_dim, layer.end_dim) == (1, -1):
-            out.append(_Layer("flatten", name))
-        else:
-            hint = " (put the ReLU right after a Conv2d or Linear so that it is fused)" \
-                if type(layer).__name__ == "IntReLU" else ""
-            raise QuantError(f"cannot export {name}: no TFLite lowering for {type(layer).__name__}{hint}; "
-                             f"supported: IntConv2d, IntLinear, IntMaxPool2d, IntFlatten(start_dim=1)")
-    return out
-
-
-def _float_records(model: nn.Module) -> list[_Layer]:
-    """Records of a float ``nn.Sequential``: Conv2d [BatchNorm2d] [ReLU], Linear [ReLU], MaxPool2d,
-    Flatten; Identity and Dropout are skipped (eval mode)."""
-    items = [(p, m) for p, m in leaves(model) if not isinstance(m, (nn.Identity, nn.Dropout))]
-    out: list[_Layer] = []
-    i = 0
-    while i < len(items):
-        path, m = items[i]
-        nxt = lambda j: items[j][1] if j < len(items) else None  # noqa: E731
-        if isinstance(m, nn.Conv2d):
-            w, b = (m.weight, m.bias)
-            if isinstance(nxt(i + 1), nn.BatchNorm2d):
-                w, b = fold_bn(m, nxt(i + 1))
-                i += 1
-            relu = isinstance(nxt(i + 1), nn.ReLU)
-            out.append(_conv_record(path, w.detach().float(), None if b is None else b.detach().float(), m, relu))
-            i += 1 + relu
-        elif isinstance(m, nn.Linear):
-            relu = isinstance(nxt(i + 1), nn.ReLU)
-            out.append(_Layer("fc", path, m.weight.detach().float(),
-                              None if m.bias is None else m.bias.detach().float(), relu))
-            i += 1 + relu
-        elif isinstance(m, nn.MaxPool2d):
-            out.append(_pool_record(path, m))
-            i += 1
-        elif isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1:
-            out.append(_Layer("flatten", path))
-            i += 1
-        else:
-            raise QuantError(f"cannot export layer {path!r} of type {type(m).__name__}; the float exporter "
-                             f"supports Conv2d, BatchNorm2d (after a conv), ReLU (after a conv or linear), "
-                             f"MaxPool2d, Flatten, Linear, Dropout, Identity")
-    return out
+def _layer_act(layer: Any) -> tuple[float, float] | None:
+    act = getattr(layer, "act", None)
+    return (0.0, math.inf) if act is None and getattr(layer, "relu", False) else act
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -376,141 +338,307 @@ def _check_int_layer(layer: _Layer) -> None:
                          f"the scales are degenerate, recalibrate or use fewer bits")
 
 
-def _fused_range(relu: bool, zp: int) -> tuple[int, int]:
-    """LiteRT's clamp of an int8 output with fused RELU (or none): CalculateActivationRangeQuantized
-    with scale-independent bounds: relu -> [max(-128, zp + round(0 / s)), 127]."""
-    return (max(INT8_MIN, zp) if relu else INT8_MIN), INT8_MAX
+#: fused activation (float bounds) -> TFLite ActivationFunctionType
+FUSED = {None: 0, (0.0, math.inf): 1, (-1.0, 1.0): 2, (0.0, 6.0): 3}
+
+
+def _fused(act: tuple[float, float] | None, qp: tuple[float, int] | None) -> tuple[int, tuple[int, int]]:
+    """(TFLite fused activation code, the int8 range LiteRT clamps to with it): its
+    CalculateActivationRangeQuantized, bounds zp + round(b / s) within [-128, 127]. A clamp TFLite
+    cannot fuse gets code 0 (NONE) and is emitted as MAXIMUM / MINIMUM by the caller."""
+    code = FUSED.get(act, 0)
+    if qp is None or code == 0:
+        return code, (INT8_MIN, INT8_MAX)
+    q = QParams(torch.tensor(qp[0]), torch.tensor(qp[1]), INT8_MIN, INT8_MAX)
+    return code, act_range(q, act, "int8")
 
 
 # ---------------------------------------------------------------------------------------------------
 # The emitter.
 
 class _Emitter:
-    """Appends the ops of ``_Layer`` records to a ``_Graph``, tracking the current tensor, its NCHW
-    shape (batch left out), its qparams and a pending b-bit clamp (int8 file only)."""
+    """Appends ops to a ``_Graph``: one method per integer layer kind, taking and returning ``_Val``s."""
 
-    def __init__(self, g: _Graph, x: int, shape: tuple[int, ...], qp: tuple[float, int] | None) -> None:
-        self.g, self.x, self.shape, self.qp = g, x, shape, qp
-        self.range = (INT8_MIN, INT8_MAX)  # what the ops so far guarantee about the current tensor
-        self.clamp = (INT8_MIN, INT8_MAX)  # the range the engine clamps the current tensor to
-        self.flat_from: tuple[int, int, int] | None = None  # (C, H, W) when the last op flattened a 4-D tensor
+    def __init__(self, g: _Graph) -> None:
+        self.g = g
 
-    def _quant(self) -> dict[str, Any] | None:
-        return None if self.qp is None else _per_tensor(*self.qp)
-
-    def _activation(self, name: str, shape: tuple[int, ...]) -> int:
+    def _activation(self, name: str, shape: tuple[int, ...], qp: tuple[float, int] | None) -> int:
         nhwc = [-1, shape[1], shape[2], shape[0]] if len(shape) == 3 else [-1, *shape]
-        return self.g.tensor(name, nhwc, "FLOAT32" if self.qp is None else "INT8", self._quant())
+        return self.g.tensor(name, nhwc, "FLOAT32" if qp is None else "INT8",
+                             None if qp is None else _per_tensor(*qp))
 
-    def produced(self, name: str, guaranteed: tuple[int, int], clamp: tuple[int, int]) -> None:
-        """The current tensor was just made by an op that clamps to ``guaranteed``; the engine clamps it
-        to ``clamp`` (applied lazily by ``flush``, after any MAX_POOL_2D / RESHAPE in between)."""
+    def flush(self, v: _Val, name: str) -> _Val:
+        """Emit MAXIMUM / MINIMUM with constant int8 bounds where the engine's clamp is narrower than
+        what the ops so far guarantee (b < 8 bits, or a clamp TFLite cannot fuse)."""
+        t = v.t
+        for op, bound, active in (("MAXIMUM", v.clamp[0], v.clamp[0] > v.range[0]),
+                                  ("MINIMUM", v.clamp[1], v.clamp[1] < v.range[1])):
+            if active:
+                c = self.g.const(f"{name}/{op.lower()}_bound", np.array([bound], dtype=np.int8), _per_tensor(*v.qp))
+                y = self._activation(f"{name}/{op.lower()}", v.shape, v.qp)
+                self.g.op(op, [t, c], [y])
+                t = y
+        return replace(v, t=t, range=v.clamp)
+
+    def _produced(self, name: str, v: _Val, guaranteed: tuple[int, int], clamp: tuple[int, int]) -> _Val:
         if clamp[0] < guaranteed[0] or clamp[1] > guaranteed[1]:
             raise QuantError(f"cannot export {name}: its clamp {list(clamp)} is wider than LiteRT's "
                              f"{list(guaranteed)}; convert the model again")
-        self.range, self.clamp = guaranteed, clamp
+        return replace(v, range=guaranteed, clamp=clamp)
 
-    def flush(self, name: str) -> None:
-        """Emit MAXIMUM / MINIMUM with constant int8 bounds where the engine's clamp is narrower than
-        what the ops so far guarantee (b < 8 bits)."""
-        for op, bound, active in (("MAXIMUM", self.clamp[0], self.clamp[0] > self.range[0]),
-                                  ("MINIMUM", self.clamp[1], self.clamp[1] < self.range[1])):
-            if active:
-                c = self.g.const(f"{name}/{op.lower()}_bound", np.array([bound], dtype=np.int8), self._quant())
-                y = self._activation(f"{name}/{op.lower()}", self.shape)
-                self.g.op(op, [self.x, c], [y])
-                self.x = y
-        self.range = self.clamp
+    def _image(self, v: _Val, name: str) -> tuple[int, int, int]:
+        if len(v.shape) != 3:
+            raise QuantError(f"cannot export {name}: it needs an image input, got shape {tuple(v.shape)}")
+        return v.shape  # type: ignore[return-value]
 
-    def conv(self, r: _Layer) -> None:
-        c_in, h, w = self.shape
+    def conv(self, v: _Val, r: _Layer) -> _Val:
+        c_in, h, w = self._image(v, r.name)
         o, i, kh, kw = r.weight.shape
-        if i != c_in:
-            raise QuantError(f"cannot export {r.name}: it expects {i} input channels, the tensor has {c_in}")
+        if i * r.groups != c_in:
+            raise QuantError(f"cannot export {r.name}: it expects {i * r.groups} input channels, the tensor has {c_in}")
+        v = self.flush(v, r.name) if r.q is not None else v
         padding = _tflite_padding(r, (h, w), (kh, kw))
+        if padding is None:  # no SAME / VALID equivalent: an explicit PAD (with the zero point), then VALID
+            ph, pw = r.padding
+            pads = self.g.const(f"{r.name}/paddings", np.array([[0, 0], [ph, ph], [pw, pw], [0, 0]], dtype=np.int32))
+            shape = (c_in, h + 2 * ph, w + 2 * pw)
+            y = self._activation(f"{r.name}/pad", shape, v.qp)
+            self.g.op("PAD", [v.t, pads], [y])
+            v, (h, w), padding = replace(v, t=y, shape=shape), shape[1:], 1
+            r = replace(r, padding=(0, 0))
         oh = (h + 2 * r.padding[0] - r.dilation[0] * (kh - 1) - 1) // r.stride[0] + 1
         ow = (w + 2 * r.padding[1] - r.dilation[1] * (kw - 1) - 1) // r.stride[1] + 1
-        w_ohwi = r.weight.permute(0, 2, 3, 1).contiguous()
-        self._weighted(r, "CONV_2D", w_ohwi, (o, oh, ow), ("Conv2DOptions", {
-            "Padding": padding, "StrideW": r.stride[1], "StrideH": r.stride[0], "FusedActivationFunction": int(r.relu),
-            "DilationWFactor": r.dilation[1], "DilationHFactor": r.dilation[0]}))
+        code, guaranteed = _fused(r.act, None if r.q is None else (float(r.q["out_scale"]), int(r.q["out_zp"])))
+        common = {"Padding": padding, "StrideW": r.stride[1], "StrideH": r.stride[0], "FusedActivationFunction": code,
+                  "DilationWFactor": r.dilation[1], "DilationHFactor": r.dilation[0]}
+        if r.groups == 1:
+            return self._weighted(v, r, "CONV_2D", r.weight.permute(0, 2, 3, 1).contiguous(), 0, (o, oh, ow),
+                                  ("Conv2DOptions", common), guaranteed)
+        if r.groups != c_in or i != 1:
+            raise QuantError(f"cannot export {r.name}: Conv2d with groups={r.groups} (only depthwise, groups = "
+                             f"in_channels, maps to DEPTHWISE_CONV_2D); use groups=1 or groups=in_channels")
+        w_1hwo = r.weight.permute(1, 2, 3, 0).contiguous()  # (1, kh, kw, O): per-channel axis 3
+        return self._weighted(v, r, "DEPTHWISE_CONV_2D", w_1hwo, 3, (o, oh, ow),
+                              ("DepthwiseConv2DOptions", {**common, "DepthMultiplier": o // c_in}), guaranteed)
 
-    def fc(self, r: _Layer) -> None:
-        if len(self.shape) != 1:
+    def fc(self, v: _Val, r: _Layer) -> _Val:
+        if len(v.shape) != 1:
             raise QuantError(f"cannot export {r.name}: a fully connected layer needs a flattened input, got shape "
-                             f"{tuple(self.shape)}; add nn.Flatten before it")
+                             f"{tuple(v.shape)}; flatten before it")
         o, k = r.weight.shape
-        if k != self.shape[0]:
-            raise QuantError(f"cannot export {r.name}: it expects {k} inputs, the tensor has {self.shape[0]}")
+        if k != v.shape[0]:
+            raise QuantError(f"cannot export {r.name}: it expects {k} inputs, the tensor has {v.shape[0]}")
         w = r.weight
-        if self.flat_from is not None:  # engine flattens (C, H, W), the file (H, W, C)
-            w = w.reshape(o, *self.flat_from).permute(0, 2, 3, 1).reshape(o, k)
-        self._weighted(r, "FULLY_CONNECTED", w.contiguous(), (o,),
-                       ("FullyConnectedOptions", {"FusedActivationFunction": int(r.relu)}))
+        if v.flat_from is not None:  # engine flattens (C, H, W), the file (H, W, C)
+            w = w.reshape(o, *v.flat_from).permute(0, 2, 3, 1).reshape(o, k)
+        v = self.flush(v, r.name) if r.q is not None else v
+        code, guaranteed = _fused(r.act, None if r.q is None else (float(r.q["out_scale"]), int(r.q["out_zp"])))
+        return self._weighted(v, r, "FULLY_CONNECTED", w.contiguous(), 0, (o,),
+                              ("FullyConnectedOptions", {"FusedActivationFunction": code}), guaranteed)
 
-    def _weighted(self, r: _Layer, op: str, weight: torch.Tensor, out_shape: tuple[int, ...],
-                  options: tuple[str, dict[str, int]]) -> None:
-        """CONV_2D / FULLY_CONNECTED: weights, bias, output tensor and (int8) the layer's clamp."""
-        self.flush(r.name)
-        o = weight.shape[0]
+    def _weighted(self, v: _Val, r: _Layer, op: str, weight: torch.Tensor, axis: int, out_shape: tuple[int, ...],
+                  options: tuple[str, dict[str, int]], guaranteed: tuple[int, int]) -> _Val:
+        """CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED: weights, bias, output tensor and the clamp."""
+        o = r.weight.shape[0]
         if r.q is None:  # float32
+            if r.act not in FUSED:
+                raise QuantError(f"cannot export {r.name}: the float exporter fuses ReLU, ReLU6 and Hardtanh(-1, 1) "
+                                 f"only")
             w = self.g.const(f"{r.name}/weight", weight.numpy().astype(np.float32))
             bias = r.bias if r.bias is not None else torch.zeros(o)
             b = self.g.const(f"{r.name}/bias", bias.numpy().astype(np.float32))
+            qp = None
         else:
             q = r.q
             w_scale = q["w_scale"].float().reshape(-1)
-            per_channel = op == "CONV_2D"
+            per_channel = op != "FULLY_CONNECTED"
             if not per_channel and w_scale.numel() > 1 and not bool((w_scale == w_scale[0]).all()):
                 raise QuantError(f"cannot export {r.name}: per-channel fully-connected weights; use one scale")
             w_scale = w_scale if per_channel else w_scale[:1]
             zeros = [0] * w_scale.numel()
             w = self.g.const(f"{r.name}/weight", weight.numpy().astype(np.int8),
-                             {"scale": w_scale.tolist(), "zero_point": zeros, "axis": 0})
+                             {"scale": w_scale.tolist(), "zero_point": zeros, "axis": axis})
             b_scale = (q["in_scale"].float() * w_scale).tolist()  # float32 product, checked by LiteRT
             b = self.g.const(f"{r.name}/bias", r.bias.numpy().astype(np.int32),
                              {"scale": b_scale, "zero_point": zeros, "axis": 0})
-            self.qp = (float(q["out_scale"]), int(q["out_zp"]))
-        y = self._activation(f"{r.name}/out", out_shape)
-        self.g.op(op, [self.x, w, b], [y], options)
-        self.x, self.shape, self.flat_from = y, out_shape, None
-        if r.q is not None:
-            self.produced(r.name, _fused_range(r.relu, self.qp[1]), r.q["act"])
+            qp = (float(q["out_scale"]), int(q["out_zp"]))
+        y = self._activation(f"{r.name}/out", out_shape, qp)
+        self.g.op(op, [v.t, w, b], [y], options)
+        out = _Val(y, out_shape, qp)
+        return out if r.q is None else self._produced(r.name, out, guaranteed, r.q["act"])
 
-    def pool(self, r: _Layer) -> None:
-        c, h, w = self.shape
-        out_shape = (c, (h - r.kernel[0]) // r.stride[0] + 1, (w - r.kernel[1]) // r.stride[1] + 1)
-        y = self._activation(f"{r.name}/out", out_shape)  # same scale and zero point as the input
-        self.g.op("MAX_POOL_2D", [self.x], [y], ("Pool2DOptions", {
-            "Padding": 1, "StrideW": r.stride[1], "StrideH": r.stride[0], "FilterWidth": r.kernel[1],
-            "FilterHeight": r.kernel[0], "FusedActivationFunction": 0}))
-        self.x, self.shape = y, out_shape
+    def maxpool(self, v: _Val, name: str, m: Any) -> _Val:
+        c, h, w = self._image(v, name)
+        k, s = _pair(m.kernel_size), _pair(m.stride if m.stride is not None else m.kernel_size)
+        if _pair(m.padding) != (0, 0) or _pair(m.dilation) != (1, 1) or m.ceil_mode:
+            raise QuantError(f"cannot export {name}: MaxPool2d with padding, dilation or ceil_mode; only "
+                             f"unpadded, undilated pooling maps to MAX_POOL_2D")
+        return self._pool(v, name, "MAX_POOL_2D", k, s)
 
-    def flatten(self, r: _Layer) -> None:
-        if len(self.shape) == 1:
-            return
-        k = int(np.prod(self.shape))
-        shape = self.g.const(f"{r.name}/shape", np.array([-1, k], dtype=np.int32))
-        y = self._activation(f"{r.name}/out", (k,))  # same scale and zero point as the input
-        self.g.op("RESHAPE", [self.x, shape], [y])
-        self.flat_from = tuple(self.shape) if len(self.shape) == 3 else None
-        self.x, self.shape = y, (k,)
+    def _pool(self, v: _Val, name: str, op: str, k: tuple[int, int], s: tuple[int, int]) -> _Val:
+        c, h, w = v.shape
+        out_shape = (c, (h - k[0]) // s[0] + 1, (w - k[1]) // s[1] + 1)
+        y = self._activation(f"{name}/out", out_shape, v.qp)  # same scale and zero point as the input
+        self.g.op(op, [v.t], [y], ("Pool2DOptions", {"Padding": 1, "StrideW": s[1], "StrideH": s[0],
+                                                     "FilterWidth": k[1], "FilterHeight": k[0],
+                                                     "FusedActivationFunction": 0}))
+        return replace(v, t=y, shape=out_shape)  # max pooling commutes with the pending clamp
+
+    def avgpool(self, v: _Val, name: str, layer: IntAvgPool2d) -> _Val:
+        c, h, w = self._image(v, name)
+        k, s = ((h, w), (h, w)) if layer.kernel is None else (tuple(layer.kernel), tuple(layer.stride))
+        v = self.flush(v, name)
+        return self._pool(v, name, "AVERAGE_POOL_2D", k, s)  # the mean of clamped values stays in the clamp
+
+    def flatten(self, v: _Val, name: str) -> _Val:
+        if len(v.shape) == 1:
+            return v
+        k = int(np.prod(v.shape))
+        shape = self.g.const(f"{name}/shape", np.array([-1, k], dtype=np.int32))
+        y = self._activation(f"{name}/out", (k,), v.qp)  # same scale and zero point as the input
+        self.g.op("RESHAPE", [v.t, shape], [y])
+        return replace(v, t=y, shape=(k,), flat_from=tuple(v.shape) if v.shape[1] * v.shape[2] > 1 else None)
+
+    def clamp(self, v: _Val, name: str, lo: int, hi: int) -> _Val:
+        """A stand-alone activation: narrows the pending clamp (emitted as MAXIMUM / MINIMUM)."""
+        return replace(v, clamp=(max(v.clamp[0], lo), min(v.clamp[1], hi)))
+
+    def add(self, a: _Val, b: _Val, name: str, layer: IntAdd | None,
+            act: tuple[float, float] | None = None) -> _Val:
+        """ADD of two tensors (``layer`` None: the float file, with fused activation ``act``)."""
+        if a.shape != b.shape or a.flat_from != b.flat_from:
+            raise QuantError(f"cannot export {name}: ADD of shapes {a.shape} and {b.shape} (no broadcasting)")
+        a, b = self.flush(a, name), self.flush(b, name)
+        qp = None if layer is None else (float(layer.out_scale), int(layer.out_zp))
+        code, guaranteed = _fused(act if layer is None else layer.act, qp)
+        if layer is None and act not in FUSED:
+            raise QuantError(f"cannot export {name}: the float exporter fuses ReLU, ReLU6 and Hardtanh(-1, 1) only")
+        y = self._activation(f"{name}/out", a.shape, qp)
+        self.g.op("ADD", [a.t, b.t], [y], ("AddOptions", {"FusedActivationFunction": code}))
+        out = _Val(y, a.shape, qp, flat_from=a.flat_from)
+        return out if layer is None else self._produced(name, out, guaranteed, (layer.act_min, layer.act_max))
+
+    def float_act(self, v: _Val, name: str, act: tuple[float, float]) -> _Val:
+        """A stand-alone activation in the float file: RELU / RELU6 / RELU_N1_TO_1, or MAXIMUM / MINIMUM."""
+        op = {(0.0, math.inf): "RELU", (0.0, 6.0): "RELU6", (-1.0, 1.0): "RELU_N1_TO_1"}.get(act)
+        if op is not None:
+            y = self._activation(f"{name}/out", v.shape, None)
+            self.g.op(op, [v.t], [y])
+            return replace(v, t=y)
+        t = v.t
+        for kind, bound in (("MAXIMUM", act[0]), ("MINIMUM", act[1])):
+            if math.isfinite(bound):
+                c = self.g.const(f"{name}/{kind.lower()}_bound", np.array([bound], dtype=np.float32))
+                y = self._activation(f"{name}/{kind.lower()}", v.shape, None)
+                self.g.op(kind, [t, c], [y])
+                t = y
+        return replace(v, t=t)
+
+    def cat(self, vs: list[_Val], name: str) -> _Val:
+        if any(v.qp != vs[0].qp for v in vs):
+            raise QuantError(f"cannot export {name}: CONCATENATION inputs with different scales or zero points")
+        if any(len(v.shape) != 3 or v.shape[1:] != vs[0].shape[1:] for v in vs):
+            raise QuantError(f"cannot export {name}: concatenation of shapes {[v.shape for v in vs]} (images of one "
+                             f"size, on the channel axis)")
+        vs = [self.flush(v, name) for v in vs]
+        shape = (sum(v.shape[0] for v in vs), *vs[0].shape[1:])
+        y = self._activation(f"{name}/out", shape, vs[0].qp)
+        self.g.op("CONCATENATION", [v.t for v in vs], [y], ("ConcatenationOptions", {"Axis": 3,
+                                                                                      "FusedActivationFunction": 0}))
+        return _Val(y, shape, vs[0].qp, range=vs[0].range, clamp=vs[0].range)
 
 
-def _tflite_padding(r: _Layer, hw: tuple[int, int], k: tuple[int, int]) -> int:
-    """Padding.VALID (1) for no padding, SAME (0) where TFLite's SAME pads exactly like ``r.padding``."""
+def _tflite_padding(r: _Layer, hw: tuple[int, int], k: tuple[int, int]) -> int | None:
+    """Padding.VALID (1) for no padding, SAME (0) where TFLite's SAME pads exactly like ``r.padding``,
+    None where neither does (the caller pads explicitly)."""
     if r.padding == (0, 0):
         return 1
     for n, kk, s, d, p in zip(hw, k, r.stride, r.dilation, r.padding):
         out = -(-n // s)
         total = max((out - 1) * s + (kk - 1) * d + 1 - n, 0)
-        if total // 2 != p or (n + 2 * p - d * (kk - 1) - 1) // s + 1 != out:
-            raise QuantError(f"cannot export {r.name}: padding {r.padding} has no TFLite equivalent (SAME pads "
-                             f"{total // 2} before for this input size); use padding 0 or 'same'-like padding")
+        if total // 2 != p or total - total // 2 != p or (n + 2 * p - d * (kk - 1) - 1) // s + 1 != out:
+            return None
     return 0
 
 
-_EMIT = {"conv": _Emitter.conv, "fc": _Emitter.fc, "pool": _Emitter.pool, "flatten": _Emitter.flatten}
+def _emit_int(em: _Emitter, imodel: IntModel, v0: _Val) -> _Val:
+    """Emit every layer of the integer engine between QuantizeInput and Dequantize; returns the output."""
+    vals = {0: v0}
+    for i in range(1, len(imodel.layers) - 1):
+        layer = imodel.layers[i]
+        ins = [vals[j] for j in imodel.inputs[i]]
+        name = f"layers.{i} ({type(layer).__name__})"
+        if isinstance(layer, (IntConv2d, IntLinear)):
+            r = _Layer("conv" if isinstance(layer, IntConv2d) else "fc", name, layer.weight, layer.bias,
+                       _layer_act(layer), q=_int_q(layer))
+            _check_int_layer(r)
+            if isinstance(layer, IntConv2d):
+                if isinstance(layer.padding, str):
+                    raise QuantError(f"cannot export {name}: padding={layer.padding!r}; give the padding as integers")
+                r = replace(r, stride=_pair(layer.stride), padding=_pair(layer.padding),
+                            dilation=_pair(layer.dilation), groups=int(layer.groups))
+                vals[i] = em.conv(ins[0], r)
+            else:
+                vals[i] = em.fc(ins[0], r)
+        elif isinstance(layer, IntMaxPool2d):
+            vals[i] = em.maxpool(ins[0], name, layer)
+        elif isinstance(layer, IntAvgPool2d):
+            vals[i] = em.avgpool(ins[0], name, layer)
+        elif isinstance(layer, IntFlatten) and (layer.start_dim, layer.end_dim) == (1, -1):
+            vals[i] = em.flatten(ins[0], name)
+        elif isinstance(layer, IntAdd):
+            vals[i] = em.add(ins[0], ins[1], name, layer)
+        elif isinstance(layer, IntCat):
+            vals[i] = em.cat(ins, name)
+        elif isinstance(layer, IntClamp):
+            vals[i] = em.clamp(ins[0], name, layer.lo, layer.hi)
+        elif type(layer).__name__ == "IntReLU":  # integer checkpoints written before IntClamp
+            vals[i] = em.clamp(ins[0], name, layer.zero_point, INT8_MAX)
+        else:
+            raise QuantError(f"cannot export {name}: no TFLite lowering for {type(layer).__name__}")
+    return vals[imodel.inputs[-1][0]]
+
+
+def _emit_float(em: _Emitter, model: nn.Module, v: _Val) -> _Val:
+    """Emit a float model from its normalised graph (``quant.graph.model_graph``: the same tracing,
+    BatchNorm folding with the running statistics and activation fusion as ``quant.quantize``)."""
+    vals: dict[str, _Val] = {}
+    for g in model_graph(copy.deepcopy(model).eval()):
+        ins = [vals[i] for i in g.inputs]
+        name, a, act = g.path or g.name, g.attrs, g.attrs.get("act")
+        if g.kind == "input":
+            vals[g.name] = v
+        elif g.kind == "output":
+            return ins[0]
+        elif g.kind == "conv":
+            m = g.module
+            w, b = fold_bn(m, a["bn"]) if "bn" in a else (m.weight, m.bias)
+            vals[g.name] = em.conv(ins[0], _Layer("conv", name, w.detach().float(), None if b is None else
+                                                  b.detach().float(), act, _pair(m.stride), _pair(m.padding),
+                                                  _pair(m.dilation), m.groups))
+        elif g.kind == "linear":
+            m = g.module
+            vals[g.name] = em.fc(ins[0], _Layer("fc", name, m.weight.detach().float(),
+                                                None if m.bias is None else m.bias.detach().float(), act))
+        elif g.kind == "maxpool":
+            vals[g.name] = em.maxpool(ins[0], name, SimpleNamespace(kernel_size=a["kernel"], stride=a["stride"],
+                                                                    padding=a["padding"], dilation=a["dilation"],
+                                                                    ceil_mode=a["ceil_mode"]))
+        elif g.kind == "avgpool":
+            if tuple(a["padding"]) != (0, 0) or a["ceil_mode"] or a.get("divisor_override") is not None:
+                raise QuantError(f"cannot export {name}: AvgPool2d with padding, ceil_mode or divisor_override")
+            vals[g.name] = em.avgpool(ins[0], name, SimpleNamespace(kernel=a["kernel"], stride=a["stride"]))
+        elif g.kind == "flatten":
+            vals[g.name] = em.flatten(ins[0], name)
+        elif g.kind == "add":
+            vals[g.name] = em.add(ins[0], ins[1], name, None, act)
+        elif g.kind == "cat":
+            vals[g.name] = em.cat(ins, name)
+        elif g.kind == "act":
+            vals[g.name] = em.float_act(ins[0], name, (a["lo"], a["hi"]))
+        else:
+            raise QuantError(f"cannot export {name}: no float TFLite lowering for {g.kind}")
+    raise QuantError("the model's graph has no output")
 
 
 def export_tflite(model: IntModel | nn.Module, path: str | Path | None, input_shape: tuple[int, int, int],
@@ -518,7 +646,7 @@ def export_tflite(model: IntModel | nn.Module, path: str | Path | None, input_sh
     """The TFLite flatbuffer of ``model`` (written atomically to ``path`` unless None); returns its bytes.
 
     model: an ``IntModel`` (int8 file that equals ``forward_int`` bit for bit in every LiteRT kernel set
-        with the matching ``rounding``) or a float ``nn.Sequential`` (float32 file, BatchNorm folded).
+        with the matching ``rounding``) or a float model (float32 file, BatchNorm folded).
     input_shape: (C, H, W) of one image; the file's input is (N, H, W, C), N resizable.
     int8_input: int8 file only: take the quantized int8 tensor (the engine's QuantizeInput output) as the
         input instead of the float32 image with a QUANTIZE op.
@@ -530,42 +658,32 @@ def export_tflite(model: IntModel | nn.Module, path: str | Path | None, input_sh
         raise QuantError(f"input_shape must be (C, H, W) of one image, got {input_shape!r}")
     c, h, w = shape
     g = _Graph(int8=isinstance(model, IntModel))
+    em = _Emitter(g)
     if isinstance(model, IntModel):
-        records = _int_records(model)
-        for r in records:
-            if r.q is not None:
-                _check_int_layer(r)
         qin: QuantizeInput = model.layers[0]
         _check_scale("the input", "input", qin.scale)
         qp = (float(qin.scale), int(qin.zero_point))
         if int8_input:
             inp = g.tensor("input", [-1, h, w, c], "INT8", _per_tensor(*qp))
-            em = _Emitter(g, inp, shape, qp)
+            x = inp
         else:
             inp = g.tensor("input", [-1, h, w, c], "FLOAT32")
-            em = _Emitter(g, inp, shape, qp)
-            em.x = em._activation("input/quantized", shape)
-            g.op("QUANTIZE", [inp], [em.x])
-        em.produced("the input", (INT8_MIN, INT8_MAX), (qin.qmin, qin.qmax))
+            x = em._activation("input/quantized", shape, qp)
+            g.op("QUANTIZE", [inp], [x])
+        v = _Val(x, shape, qp, (INT8_MIN, INT8_MAX), (qin.qmin, qin.qmax))
+        out = em.flush(_emit_int(em, model, v), "output")
+        out_qp = model.layers[-1]
+        if not isinstance(out_qp, Dequantize) or (float(out_qp.scale), int(out_qp.zero_point)) != out.qp:
+            raise QuantError("the model's Dequantize does not match its last layer; re-run convert")
     else:
         if int8_input:
             raise QuantError("int8_input needs an IntModel; a float model takes float32 input")
-        records = _float_records(model)  # BatchNorm folds with its running statistics
         inp = g.tensor("input", [-1, h, w, c], "FLOAT32")
-        em = _Emitter(g, inp, shape, None)
-    for i, r in enumerate(records):
-        if r.kind == "flatten" and (i + 1 == len(records) or records[i + 1].kind != "fc") and len(em.shape) == 3:
-            raise QuantError(f"cannot export {r.name}: Flatten of an image must be followed by a fully connected "
-                             f"layer (the file flattens in NHWC order and permutes that layer's weights)")
-        if r.kind in ("conv", "pool") and len(em.shape) != 3:
-            raise QuantError(f"cannot export {r.name}: it needs an image input, got shape {tuple(em.shape)}")
-        _EMIT[r.kind](em, r)
-    if isinstance(model, IntModel):
-        em.flush("output")
-        out_qp = model.layers[-1]
-        if not isinstance(out_qp, Dequantize) or (float(out_qp.scale), int(out_qp.zero_point)) != em.qp:
-            raise QuantError("the model's Dequantize does not match its last layer; re-run convert")
-    data = _serialize(g, [inp], [em.x], description or "quantization-dnns export")
+        out = _emit_float(em, model, _Val(inp, shape, None))  # BatchNorm folds with its running statistics
+    if out.flat_from is not None and len(out.shape) == 1:
+        raise QuantError("cannot export: the output is an image flattened in NCHW order; end the model with a "
+                         "fully connected layer (the file flattens in NHWC order)")
+    data = _serialize(g, [inp], [out.t], description or "quantization-dnns export")
     if path is not None:
         atomic_write_bytes(path, data)
     return data

@@ -14,11 +14,17 @@ Data flow of one weighted layer (``QConv2d``, ``QLinear`` and their fused varian
   fake-quant and the integer engine compute the same thing.
 * activations: asymmetric, signed [-2^(b-1), 2^(b-1)-1]; a fused ReLU means the observer sees the
   post-ReLU tensor (and the integer engine clamps at the output zero point).
-* the first layer in execution order also owns ``input_quant``, quantizing the normalised input once.
+* the model input is quantized once by its own quantizer (``input_quant`` of the quantized graph).
+* ops whose output lies on their input's grid (max / average pooling, a stand-alone activation,
+  concatenation) keep the input's quantizer; ``quant.transforms.quantize`` makes every input of a
+  concatenation share one quantizer, as TFLite requires.
 
 ``FakeQuantize.enabled = False`` makes a quantizer the identity; ``observer.frozen = True`` fixes its
-range. Each layer knows the quantizer feeding it (``input_fq``, a reference, not a submodule) to get
-its input scale.
+range. Each layer knows the quantizers feeding it (``input_fq`` / ``input_fqs``, references, not
+submodules) to get its input scales. In eval mode, once every range is frozen, layers whose runtime
+rounding differs from round(y / s_out) (weighted layers, ADD, AVERAGE_POOL_2D) compute their output with
+the integer kernel of ``quant.kernels`` (``requant``: the runtime's rounding), so fake quantization
+equals the integer engine exactly.
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ from quant.config import QuantConfig
 from quant.errors import QuantError
 from quant.fixed_point import INT32_MAX, INT32_MIN
 from quant.fold import fold_bn_params
+from quant.kernels import IntAdd, IntAvgPool2d, IntConv2d, IntLayer, IntLinear, QuantizeInput, act_range
 from quant.observers import WEIGHT_RANGES, Observer, build_observer
 from quant.qparams import QParams, dequantize, fake_quantize, quantize, round_half_away
 
@@ -63,6 +70,15 @@ class FakeQuantize(nn.Module):
         """The current QParams (raises ``QuantError`` if nothing was observed yet)."""
         return self.observer.calculate_qparams()
 
+    def requantize(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` rounded onto this quantizer's current grid without recording it (an op whose output
+        shares its input's scale and zero point, e.g. average pooling); identity when disabled."""
+        return fake_quantize(x, self.qparams()) if self.enabled else x
+
+    def ready(self) -> bool:
+        """On, frozen and calibrated: its qparams are final."""
+        return self.enabled and self.observer.frozen and self.observer.initialized
+
     def get_extra_state(self) -> Any:
         return {"enabled": self.enabled}
 
@@ -71,6 +87,21 @@ class FakeQuantize(nn.Module):
 
     def extra_repr(self) -> str:
         return f"enabled={self.enabled}, dynamic={self.dynamic}"
+
+
+class InputQuantize(FakeQuantize):
+    """The model input's quantizer. In eval mode with ``requant`` 'xnnpack' or 'builtin' and a final range
+    it rounds as those runtimes' QUANTIZE (x * f32(1 / scale), half to even: ``quant.kernels.QuantizeInput``),
+    so fake quantization equals the engine there too; otherwise a ``FakeQuantize``."""
+
+    requant = "float"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training and self.requant in ("xnnpack", "builtin") and self.ready():
+            layer = QuantizeInput(self.qparams())
+            layer.rounding = self.requant
+            return dequantize(layer(x), self.qparams()).to(x.dtype)
+        return super().forward(x)
 
 
 def act_quantizer(cfg: QuantConfig) -> FakeQuantize:
@@ -189,6 +220,9 @@ class LSQQuantize(FakeQuantize):
         return QParams(self._scale().detach().float().clone(), self.zero_point.clone(), self.qmin, self.qmax,
                        self.axis)
 
+    def requantize(self, x: torch.Tensor) -> torch.Tensor:
+        return self(x)  # LSQ never records, and the step size gets its gradient
+
     def extra_repr(self) -> str:
         return f"enabled={self.enabled}, lsq, qmin={self.qmin}, qmax={self.qmax}, axis={self.axis}"
 
@@ -217,27 +251,59 @@ def fake_quantize_bias(bias: torch.Tensor, s_in: torch.Tensor, s_w: torch.Tensor
 
 
 class QModule(nn.Module):
-    """Base of the fake-quant layers: optional ``input_quant`` and a reference to the input quantizer."""
+    """Base of the fake-quant layers: references to the quantizers of its inputs (``input_fqs``;
+    ``input_fq`` is the first), and ``requant``, the eval-mode rounding ('float' or a runtime's)."""
 
-    #: float module types this class replaces, in pattern order (used by ``quant.transforms``)
+    #: float module types this class replaces, in pattern order (kept for the class names' meaning)
     pattern: tuple[type[nn.Module], ...] = ()
+    #: how the eval-mode output is rounded onto the output grid: 'float' (round(y / s_out), the usual
+    #: fake quantization) or a runtime rounding ('ref', 'builtin', 'xnnpack'), set by ``quantize``
+    requant = "float"
 
     def __init__(self) -> None:
         super().__init__()
-        self.register_module("input_quant", None)
-        object.__setattr__(self, "input_fq", None)  # not a submodule: it belongs to the previous layer
+        object.__setattr__(self, "input_fqs", [])  # not submodules: they belong to the producers
 
-    def attach_input(self, fq: FakeQuantize | None) -> None:
-        """Record the quantizer whose output feeds this layer (for the bias scale and conversion)."""
-        object.__setattr__(self, "input_fq", fq)
+    @property
+    def input_fq(self) -> FakeQuantize | None:
+        return self.input_fqs[0] if self.input_fqs else None
 
-    def input_qparams(self) -> QParams:
-        if self.input_fq is None:
+    def attach_input(self, *fqs: FakeQuantize) -> None:
+        """Record the quantizers whose outputs feed this layer (for the bias scale and conversion)."""
+        object.__setattr__(self, "input_fqs", list(fqs))
+
+    def input_qparams(self, i: int = 0) -> QParams:
+        if len(self.input_fqs) <= i:
             raise QuantError(f"{type(self).__name__} has no input quantizer; build the model with quant.quantize")
-        return self.input_fq.qparams()
+        return self.input_fqs[i].qparams()
 
-    def _quant_input(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.input_quant is None else self.input_quant(x)
+    def _runtime(self) -> bool:
+        """Eval mode with a runtime rounding and every range final: compute with the integer kernel."""
+        own = getattr(self, "act_quant", None)
+        return (not self.training and self.requant != "float" and bool(self.input_fqs)
+                and all(fq.ready() for fq in self.input_fqs) and (own is None or own.ready()))
+
+    def int_layer(self, clamp: str = "bits") -> tuple[IntLayer, QParams]:
+        """The integer kernel of this layer and its output qparams (``quant.kernels``)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def _runtime_output(self, *xs: torch.Tensor) -> torch.Tensor:
+        """Eval-mode output as the target runtime computes it, dequantized. The inputs are on their grids,
+        so quantizing them is exact; the kernel is the integer engine's (``self.requant`` rounding)."""
+        layer, out_qp = self.int_layer("bits")
+        layer.rounding = self.requant
+        qs = [quantize(x, fq.qparams()) for x, fq in zip(xs, self.input_fqs)]
+        return dequantize(layer(*qs), out_qp).to(xs[0].dtype)
+
+
+def _activation(y: torch.Tensor, act: tuple[float, float] | None) -> torch.Tensor:
+    """A fused activation in float: ReLU, or a clamp to [lo, hi]."""
+    if act is None:
+        return y
+    if act == (0.0, math.inf):
+        return F.relu(y)
+    return y.clamp(None if act[0] == -math.inf else act[0], None if act[1] == math.inf else act[1])
 
 
 class _QWeighted(QModule):
@@ -245,7 +311,11 @@ class _QWeighted(QModule):
 
     act_quant: FakeQuantize
     weight_quant: FakeQuantize
-    relu: bool
+    act: tuple[float, float] | None = None
+
+    @property
+    def relu(self) -> bool:
+        return self.act == (0.0, math.inf)
 
     def float_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The float (weight, bias) that get quantized; fused BN overrides this with folding."""
@@ -259,16 +329,13 @@ class _QWeighted(QModule):
         return (self.weight_quant.enabled and fq is not None and fq.enabled and fq.observer.initialized)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._quant_input(x)
+        if self._runtime() and self.weight_quant.enabled:
+            return self._runtime_output(x)
         w, b = self.float_weight_bias()
         wq = self.weight_quant(w)
         if b is not None and self._bias_quant_ready():
             b = fake_quantize_bias(b, self.input_qparams().scale, self.weight_quant.qparams().scale)
-        y = self._op(x, wq, b)
-        if self.relu:
-            y = F.relu(y)
-        if not self.training and self.requant != "float" and self._frozen():
-            return self._runtime_output(x)
+        y = _activation(self._op(x, wq, b), self.act)
         return self._output_quant(y)
 
     #: set by ``quant.transforms.quantize`` when a QMaxPool2d directly follows this layer: in training
@@ -281,38 +348,12 @@ class _QWeighted(QModule):
     def _output_quant(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.training and self.quantize_after_pool else self.act_quant(y)
 
-    #: how the eval-mode output is rounded onto the output grid: 'float' (round(y / s_out), the usual
-    #: fake quantization) or a runtime rounding ('ref', 'builtin', 'xnnpack'), set by ``quantize``
-    requant = "float"
-
-    def _frozen(self) -> bool:
-        """All three quantizers (input, weight, output) are on and the activation ranges are fixed."""
-        fq = self.input_fq
-        return (self.act_quant.enabled and self.weight_quant.enabled and self.act_quant.observer.frozen
-                and fq is not None and fq.enabled and fq.observer.frozen and fq.observer.initialized)
-
-    @torch.no_grad()
-    def _runtime_output(self, x: torch.Tensor) -> torch.Tensor:
-        """Eval-mode output of a frozen layer as the target runtime computes it, dequantized.
-
-        The input is on its grid, so q_in = quantize(x) is exact; the accumulator is formed exactly and
-        requantized with the runtime's fixed-point multiplier (``self.requant`` rounding). TFLite's
-        reference and ruy kernels round twice (SaturatingRoundingDoublingHighMul, then a rounding shift);
-        rounding once, round(y / s_out), differs by one step near ties and, at 4 bits, changes 1 in 7
-        CIFAR-10 argmaxes. Simulating the runtime's rounding keeps fake quantization equal to it.
-        """
-        from quant.integer import find_converter  # quant.integer imports this module
-        in_qp = self.input_qparams()
-        layer, out_qp = find_converter(self)(self, in_qp, "bits")
-        layer.rounding = self.requant
-        return dequantize(layer(quantize(x, in_qp)), out_qp).to(x.dtype)
-
     @torch.no_grad()
     def integer_params(self) -> dict[str, Any]:
         """Integer weights and qparams of this layer: what the integer engine and the exporter use.
 
         Returns {'weight': int8 tensor, 'w_qp', 'bias': int32 tensor (zeros if no bias), 'in_qp',
-        'out_qp', 'relu'}. Raises ``QuantError`` on int32 bias overflow.
+        'out_qp', 'act' (the fused activation's float bounds or None)}. Raises ``QuantError`` on int32 bias overflow.
         """
         w, b = self.float_weight_bias()
         obs = self.weight_quant.observer
@@ -326,7 +367,7 @@ class _QWeighted(QModule):
             b = torch.zeros(w.shape[0])
         b_int = quantize_bias(b, in_qp.scale, w_qp.scale, check=True).to(torch.int32)
         return {"weight": w_int, "w_qp": w_qp, "bias": b_int, "in_qp": in_qp,
-                "out_qp": self.act_quant.qparams(), "relu": self.relu}
+                "out_qp": self.act_quant.qparams(), "act": self.act}
 
 
 class QConv2d(_QWeighted):
@@ -334,7 +375,8 @@ class QConv2d(_QWeighted):
 
     pattern = (nn.Conv2d,)
 
-    def __init__(self, conv: nn.Conv2d, cfg: QuantConfig, relu: bool = False) -> None:
+    def __init__(self, conv: nn.Conv2d, cfg: QuantConfig, relu: bool = False,
+                 act: tuple[float, float] | None = None) -> None:
         super().__init__()
         if conv.padding_mode != "zeros":
             raise QuantError(f"Conv2d with padding_mode={conv.padding_mode!r} is unsupported; use 'zeros'")
@@ -343,7 +385,7 @@ class QConv2d(_QWeighted):
         self.dilation, self.groups = conv.dilation, conv.groups
         self.weight = nn.Parameter(conv.weight.detach().clone())
         self.bias = nn.Parameter(conv.bias.detach().clone()) if conv.bias is not None else None
-        self.relu = relu
+        self.act = (0.0, math.inf) if relu else act
         self.weight_quant = weight_quantizer(cfg, cfg.per_channel)
         self.act_quant = act_quantizer(cfg)
 
@@ -360,9 +402,13 @@ class QConv2d(_QWeighted):
             w = torch.empty_like(self.weight).copy_(w)
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
 
+    def int_layer(self, clamp: str = "bits") -> tuple[IntLayer, QParams]:
+        layer = IntConv2d(self.integer_params(), self, clamp)
+        return layer, layer.out_qparams()
+
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, relu={self.relu}")
+                f"padding={self.padding}, groups={self.groups}, act={self.act}")
 
 
 class QConvReLU(QConv2d):
@@ -416,8 +462,9 @@ class QConvBNReLU(QConv2d):
 
     pattern = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU)
 
-    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, cfg: QuantConfig, relu: bool = True) -> None:
-        super().__init__(conv, cfg, relu=relu)
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, cfg: QuantConfig, relu: bool = True,
+                 act: tuple[float, float] | None = None) -> None:
+        super().__init__(conv, cfg, relu=relu, act=act)
         if bn.running_mean is None or bn.running_var is None:
             raise QuantError("cannot fold a BatchNorm2d without running statistics (track_running_stats=False)")
         if bn.num_features != conv.out_channels:
@@ -450,7 +497,6 @@ class QConvBNReLU(QConv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.bn_frozen:
             return super().forward(x)
-        x = self._quant_input(x)
         bn = self.bn
         factor = torch.rsqrt(bn.running_var + bn.eps)
         if bn.weight is not None:
@@ -461,9 +507,7 @@ class QConvBNReLU(QConv2d):
             z = z + self.bias.reshape(1, -1, 1, 1)
         bn.train()
         y = bn(z)                                          # batch statistics; updates the running ones
-        if self.relu:
-            y = F.relu(y)
-        return self._output_quant(y)
+        return self._output_quant(_activation(y, self.act))
 
 
 class QConvBN(QConvBNReLU):
@@ -477,12 +521,13 @@ class QLinear(_QWeighted):
 
     pattern = (nn.Linear,)
 
-    def __init__(self, linear: nn.Linear, cfg: QuantConfig, relu: bool = False) -> None:
+    def __init__(self, linear: nn.Linear, cfg: QuantConfig, relu: bool = False,
+                 act: tuple[float, float] | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = nn.Parameter(linear.weight.detach().clone())
         self.bias = nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
-        self.relu = relu
+        self.act = (0.0, math.inf) if relu else act
         self.weight_quant = weight_quantizer(cfg, per_channel=False)
         self.act_quant = act_quantizer(cfg)
 
@@ -494,8 +539,12 @@ class QLinear(_QWeighted):
     def _op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, w, b)
 
+    def int_layer(self, clamp: str = "bits") -> tuple[IntLayer, QParams]:
+        layer = IntLinear(self.integer_params(), clamp)
+        return layer, layer.out_qparams()
+
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, relu={self.relu}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, act={self.act}"
 
 
 class QLinearReLU(QLinear):
@@ -504,34 +553,16 @@ class QLinearReLU(QLinear):
     pattern = (nn.Linear, nn.ReLU)
 
 
-class QReLU(QModule):
-    """A ReLU not fused into a layer: max(x, 0) keeps values on the input's grid (zero is exact)."""
-
-    pattern = (nn.ReLU,)
-
-    @classmethod
-    def from_float(cls, mods: Sequence[nn.Module], cfg: QuantConfig) -> "QReLU":
-        return cls()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self._quant_input(x))
-
-
 class QMaxPool2d(QModule):
     """MaxPool2d: keeps the input's scale and zero point (max commutes with quantization)."""
 
     pattern = (nn.MaxPool2d,)
 
-    def __init__(self, pool: nn.MaxPool2d) -> None:
+    def __init__(self, kernel_size: Any, stride: Any = None, padding: Any = 0, dilation: Any = 1,
+                 ceil_mode: bool = False) -> None:
         super().__init__()
-        if pool.return_indices:
-            raise QuantError("MaxPool2d(return_indices=True) is unsupported")
-        self.kernel_size, self.stride, self.padding = pool.kernel_size, pool.stride, pool.padding
-        self.dilation, self.ceil_mode = pool.dilation, pool.ceil_mode
-
-    @classmethod
-    def from_float(cls, mods: Sequence[nn.Module], cfg: QuantConfig) -> "QMaxPool2d":
-        return cls(mods[0])
+        self.kernel_size, self.stride, self.padding = kernel_size, stride if stride is not None else kernel_size, padding
+        self.dilation, self.ceil_mode = dilation, ceil_mode
 
     #: training mode: quantize the pooled values with the previous layer's output quantizer (see
     #: ``_QWeighted.quantize_after_pool``); set by ``quant.transforms.quantize``
@@ -539,17 +570,91 @@ class QMaxPool2d(QModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         after = self.training and self.quantizes_input_after
-        y = F.max_pool2d(x if after else self._quant_input(x), self.kernel_size, self.stride, self.padding,
-                         self.dilation, self.ceil_mode)
+        y = F.max_pool2d(x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
         return self.input_fq(y) if after else y
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
 
 
-#: fusion patterns, longest first; ``quant.transforms.quantize`` swaps each match for the class
-QUANT_PATTERNS: list[type[QModule]] = [QConvBNReLU, QConvBN, QConvReLU, QLinearReLU, QConv2d, QLinear, QReLU,
-                                       QMaxPool2d]
+class QAct(QModule):
+    """A stand-alone activation (not fused into its producer): clamp to [lo, hi] in float, rounded back
+    onto the input's grid (its scale and zero point are kept; a ReLU's 0 is on it already). Equals the
+    integer clamp(q, zp + round(lo / s), zp + round(hi / s)) since rounding is monotone."""
 
-#: float modules that pass through unchanged (no quantization needed: they commute with it)
-PASS_THROUGH: tuple[type[nn.Module], ...] = (nn.Flatten, nn.Identity, nn.Dropout)
+    def __init__(self, lo: float, hi: float) -> None:
+        super().__init__()
+        self.act = (float(lo), float(hi))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.input_fq.requantize(_activation(x, self.act))
+
+    def extra_repr(self) -> str:
+        return f"act={self.act}"
+
+
+class QAdd(QModule):
+    """Residual add of two tensors with their own scales (TFLite ADD): float sum, fused activation, own
+    output quantizer; in eval mode with frozen ranges, TFLite's integer ADD arithmetic (``IntAdd``)."""
+
+    def __init__(self, cfg: QuantConfig, act: tuple[float, float] | None = None) -> None:
+        super().__init__()
+        self.act = act
+        self.act_quant = act_quantizer(cfg)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if self._runtime():
+            return self._runtime_output(a, b)
+        return self.act_quant(_activation(a + b, self.act))
+
+    def int_layer(self, clamp: str = "bits") -> tuple[IntLayer, QParams]:
+        layer = IntAdd(self.input_qparams(0), self.input_qparams(1), self.act_quant.qparams(), self.act, clamp)
+        return layer, layer.out_qparams()
+
+    def extra_repr(self) -> str:
+        return f"act={self.act}"
+
+
+class QCat(QModule):
+    """Concatenation on the channel axis: every input shares the output's quantizer (TFLite's
+    CONCATENATION refuses inputs whose scale or zero point differ), so it is exact as it is."""
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        return torch.cat(xs, 1)
+
+
+class QAvgPool2d(QModule):
+    """Average pooling (unpadded windows, or global: ``kernel_size`` None): the mean rounded back onto the
+    input's grid (TFLite AVERAGE_POOL_2D keeps the input's scale and zero point); in eval mode with a
+    frozen range, TFLite's integer rounding of the window sum (``IntAvgPool2d``)."""
+
+    def __init__(self, kernel_size: tuple[int, int] | None, stride: tuple[int, int] | None = None,
+                 padding: Any = 0, ceil_mode: bool = False, count_include_pad: bool = True,
+                 divisor_override: int | None = None) -> None:
+        super().__init__()
+        if tuple(padding) != (0, 0) or ceil_mode or divisor_override is not None:
+            raise QuantError("AvgPool2d with padding, ceil_mode or divisor_override is unsupported (TFLite's "
+                             "AVERAGE_POOL_2D averages unpadded windows); use padding=0")
+        self.kernel_size, self.stride = kernel_size, (stride or kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._runtime():
+            return self._runtime_output(x)
+        y = x.mean((2, 3), keepdim=True) if self.kernel_size is None else F.avg_pool2d(x, self.kernel_size,
+                                                                                       self.stride)
+        return self.input_fq.requantize(y)
+
+    def int_layer(self, clamp: str = "bits") -> tuple[IntLayer, QParams]:
+        return IntAvgPool2d(self.kernel_size, self.stride), self.input_qparams()
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size or 'global'}, stride={self.stride}"
+
+
+def flatten_images(x: torch.Tensor, size: int = -1) -> torch.Tensor:
+    """``torch.flatten(x, 1)``; ``size`` > 0 (from ``x.view(-1, K)``) must equal the features per image."""
+    y = torch.flatten(x, 1)
+    if size > 0 and y.shape[1] != size:
+        raise QuantError(f"view(-1, {size}) of a tensor of shape {tuple(x.shape)} does not flatten each image "
+                         f"({y.shape[1]} features); use x.flatten(1)")
+    return y

@@ -23,17 +23,19 @@ from quant.config import QATConfig
 from quant.errors import QuantError
 from quant.modules import FakeQuantize, LSQQuantize, QConvBNReLU, QModule, _QWeighted
 from quant.observers import EMAObserver
+from quant.transforms import keep_attr
 
 
 def act_quantizers(model: nn.Module) -> list[FakeQuantize]:
-    """The input and output (activation) quantizers of every layer, in execution order."""
-    out: list[FakeQuantize] = []
+    """Every activation quantizer (the input's and each layer output's; a shared one once), in
+    execution order."""
+    out: dict[int, FakeQuantize] = {}
     for m in model.modules():
-        if isinstance(m, QModule) and m.input_quant is not None:
-            out.append(m.input_quant)
-        if isinstance(m, _QWeighted):
-            out.append(m.act_quant)
-    return out
+        if isinstance(m, QModule):
+            for fq in [*m.input_fqs, getattr(m, "act_quant", None)]:
+                if fq is not None:
+                    out.setdefault(id(fq), fq)
+    return list(out.values())
 
 
 def set_act_observers(model: nn.Module, enabled: bool) -> None:
@@ -92,34 +94,37 @@ def _prepare_ste(model: nn.Module, qcfg: QATConfig) -> None:
     """EMA observers (initialised with the calibrated ranges) for activations, recording; weight
     ranges follow the current weights (dynamic min/max)."""
     for m in model.modules():
-        if not isinstance(m, _QWeighted):
-            continue
-        m.weight_quant.observer.frozen = False
-        for fq in ([m.input_quant] if m.input_quant is not None else []) + [m.act_quant]:
-            fq.qparams()  # an mse observer clips its range on first use
-            old = fq.observer
-            ema = EMAObserver(old.bits, symmetric=old.symmetric, narrow=old.narrow, axis=old.axis,
-                              momentum=qcfg.ema_momentum)
-            ema.min_val, ema.max_val = old.min_val.clone(), old.max_val.clone()
-            fq.observer = ema
+        if isinstance(m, _QWeighted):
+            m.weight_quant.observer.frozen = False
+    for fq in act_quantizers(model):
+        fq.qparams()  # an mse observer clips its range on first use
+        old = fq.observer
+        ema = EMAObserver(old.bits, symmetric=old.symmetric, narrow=old.narrow, axis=old.axis,
+                          momentum=qcfg.ema_momentum)
+        ema.min_val, ema.max_val = old.min_val.clone(), old.max_val.clone()
+        fq.observer = ema
 
 
 def _prepare_lsq(model: nn.Module, qcfg: QATConfig) -> None:
     """Replace every quantizer by an ``LSQQuantize`` initialised from its calibrated QParams (weights:
-    the min/max scale of the (folded) weights at calibration, i.e. the PTQ scale)."""
+    the min/max scale of the (folded) weights at calibration, i.e. the PTQ scale). A quantizer shared by
+    several layers (a concatenation's inputs) becomes one shared LSQ quantizer."""
     swapped: dict[int, LSQQuantize] = {}
-    for m in list(model.modules()):
-        if not isinstance(m, QModule):
-            continue
-        for name in ("input_quant", "weight_quant", "act_quant"):
-            fq = getattr(m, name, None)
-            if isinstance(fq, FakeQuantize) and not isinstance(fq, LSQQuantize):
-                lsq = LSQQuantize.from_fake_quant(fq)
-                setattr(m, name, lsq)
-                swapped[id(fq)] = lsq
+
+    def lsq(fq: FakeQuantize) -> LSQQuantize:
+        if isinstance(fq, LSQQuantize):
+            return fq
+        if id(fq) not in swapped:
+            swapped[id(fq)] = LSQQuantize.from_fake_quant(fq)
+        return swapped[id(fq)]
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, FakeQuantize):
+                setattr(parent, name, lsq(child))
     for m in model.modules():
-        if isinstance(m, QModule) and m.input_fq is not None and id(m.input_fq) in swapped:
-            m.attach_input(swapped[id(m.input_fq)])
+        if isinstance(m, QModule):
+            m.attach_input(*[lsq(fq) for fq in m.input_fqs])
 
 
 #: quantizer name -> function turning a calibrated fake-quant model into a trainable one
@@ -136,5 +141,5 @@ def prepare_qat(model: nn.Module, qcfg: QATConfig) -> nn.Module:
             raise QuantError("prepare_qat needs a calibrated model; run quant.calibrate first")
     QAT_PREPARE[qcfg.quantizer](model, qcfg)
     set_bn_frozen(model, False)
-    model.qat_config = qcfg
+    keep_attr(model, "qat_config", qcfg)
     return model

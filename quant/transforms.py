@@ -1,134 +1,184 @@
-"""Model transforms: ``quantize`` (module swap + fusion), ``calibration_mode`` / ``calibrate``, ``convert``.
+"""Model transforms: ``quantize`` (graph capture, fusion, fake-quant modules), ``calibration_mode`` /
+``calibrate``, ``convert``.
 
-Supported structures: an ``nn.Sequential`` whose entries are layers or nested ``nn.Sequential``s
-(any depth; the execution order is the order of the leaves). Supported layers: Conv2d, BatchNorm2d
-(right after a Conv2d), Linear, ReLU, MaxPool2d, Flatten, and the pass-throughs Identity and
-Dropout. A custom module with its own ``forward`` cannot be walked safely (its data flow is unknown)
-and raises ``QuantError``; express it as an ``nn.Sequential`` (``nn.Flatten`` instead of ``x.view``).
+``quantize`` reads the model's normalised graph (``quant.graph.model_graph``: torch.fx tracing, so any
+model written as a class with ``forward`` works, ``nn.Sequential`` included) and builds a
+``torch.fx.GraphModule`` of fake-quant modules from it:
 
-Fusion (greedy, longest pattern first, across nested Sequentials): Conv2d→BatchNorm2d→ReLU,
-Conv2d→BatchNorm2d, Conv2d→ReLU, Linear→ReLU. The first module of a match is replaced by the fused
-layer and the rest by ``nn.Identity``, so every other key of the float state dict is unchanged.
+    conv [+bn] [+act]  -> QConv2d / QConvReLU / QConvBN / QConvBNReLU (BN folded; act: ReLU, ReLU6, clamp)
+    linear [+act]      -> QLinear / QLinearReLU
+    add [+act]         -> QAdd (own output quantizer)
+    maxpool, avgpool   -> QMaxPool2d, QAvgPool2d (keep the input's quantizer)
+    act (not fused)    -> QAct (keeps the input's quantizer)
+    cat                -> QCat (its inputs and output share one quantizer)
+    flatten            -> flatten_images
+    the input          -> ``input_quant`` (the normalised input quantized once at act_bits)
+
+Quantizers are grouped once: an op that keeps its input's grid joins its input's group, and a
+concatenation joins its inputs' groups, so every producer in a group gets the same quantizer object.
+Fused modules sit at the conv's / linear's path, so the float state-dict keys of weights are kept.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
+import torch.fx as fx
+from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 import torch.nn as nn
 
 from quant.config import ROUNDINGS, QuantConfig
 from quant.errors import QuantError
-from quant.integer import Dequantize, IntModel, QuantizeInput, find_converter
-from quant.modules import PASS_THROUGH, QUANT_PATTERNS, FakeQuantize, QMaxPool2d, QModule, _QWeighted, \
-    act_quantizer
+from quant.graph import GNode, float_signature, model_graph
+from quant.integer import IntModel, convert_graph
+from quant.observers import build_observer
+from quant.modules import (FakeQuantize, InputQuantize, QAct, QAdd, QAvgPool2d, QCat, QConv2d, QConvBN, QConvBNReLU, QConvReLU,
+                           QLinear, QLinearReLU, QMaxPool2d, QModule, _QWeighted, act_quantizer, flatten_images)
 
-SUPPORTED = "Conv2d, BatchNorm2d, Linear, ReLU, MaxPool2d, Flatten, Identity, Dropout"
-
-
-def leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(dotted path, module) of every layer in execution order; raises for unsupported containers."""
-    out: list[tuple[str, nn.Module]] = []
-
-    def walk(prefix: str, m: nn.Module) -> None:
-        if isinstance(m, nn.Sequential):
-            for name, child in m.named_children():
-                walk(f"{prefix}.{name}" if prefix else name, child)
-        elif isinstance(m, (QModule, *PASS_THROUGH)) or not any(True for _ in m.children()):
-            out.append((prefix, m))
-        else:
-            raise QuantError(f"cannot quantize container {prefix or 'model'!r} of type {type(m).__name__}: "
-                             f"only nn.Sequential trees are supported; rewrite it as an nn.Sequential")
-
-    walk("", model)
-    return out
+RELU = (0.0, float("inf"))
+#: node kinds whose output lies on their input's grid (same quantizer)
+SHARES_INPUT = ("maxpool", "avgpool", "act", "flatten", "cat")
 
 
-def _set(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, name, new)
+def _groups(nodes: list[GNode]) -> dict[str, str]:
+    """Union-find of quantizer groups: node name -> the name of its group's root."""
+    parent = {g.name: g.name for g in nodes}
+
+    def find(a: str) -> str:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for g in nodes:
+        if g.kind in SHARES_INPUT:
+            for i in g.inputs:
+                parent[find(i)] = find(g.name)
+    return {name: find(name) for name in parent}
 
 
-def float_signature(model: nn.Module) -> list[str]:
-    """One string per layer (path, type, parameter shapes): identifies an architecture in checkpoints."""
-    sig = []
-    for path, m in leaves(model):
-        shapes = ",".join(f"{k}{list(v.shape)}" for k, v in m.state_dict().items()
-                          if isinstance(v, torch.Tensor) and ("quant" not in k))
-        sig.append(f"{path}:{type(m).__name__}({shapes})")
-    return sig
+def input_quantizer(cfg: QuantConfig) -> InputQuantize:
+    """The input's quantizer: asymmetric signed act_bits, observer ``cfg.observer``."""
+    fq = InputQuantize(build_observer(cfg.observer, cfg.act_bits, symmetric=False, narrow=False,
+                                      momentum=cfg.ema_momentum))
+    fq.requant = cfg.rounding
+    return fq
 
 
-def quantize(model: nn.Module, cfg: QuantConfig) -> nn.Module:
-    """A fake-quantized copy of ``model`` (``model`` is not modified).
+def _weighted(g: GNode, cfg: QuantConfig) -> _QWeighted:
+    act, bn = g.attrs.get("act"), g.attrs.get("bn")
+    if g.kind == "linear":
+        return QLinearReLU(g.module, cfg, relu=True) if act == RELU else QLinear(g.module, cfg, act=act)
+    if bn is not None:
+        return QConvBNReLU(g.module, bn, cfg, relu=True) if act == RELU else QConvBN(g.module, bn, cfg, relu=False,
+                                                                                      act=act)
+    return QConvReLU(g.module, cfg, relu=True) if act == RELU else QConv2d(g.module, cfg, act=act)
 
-    Layers are swapped by the type patterns of ``quant.modules.QUANT_PATTERNS`` (fusing Conv→BN→ReLU,
-    Conv→BN, Conv→ReLU, Linear→ReLU); the first quantized layer gets the input quantizer (the
-    normalised input quantized once at act_bits). Quantizers start enabled with observers recording:
-    calibrate (``calibrate`` / ``calibration_mode``) before evaluating. An unsupported layer raises
-    ``QuantError`` naming it. The result carries ``quant_config`` and ``float_signature`` attributes.
+
+def _place(root: nn.Module, path: str, m: nn.Module) -> str:
+    """Put ``m`` at dotted ``path`` under ``root`` (creating empty parents); returns the path used."""
+    parts = path.split(".")
+    parent = root
+    for p in parts[:-1]:
+        if not hasattr(parent, p):
+            parent.add_module(p, nn.Module())
+        parent = getattr(parent, p)
+    name = parts[-1]
+    while name in parent._modules:  # noqa: SLF001 (a functional op named like an existing layer)
+        name += "_"
+    parent.add_module(name, m)
+    return ".".join(parts[:-1] + [name])
+
+
+def quantize(model: nn.Module, cfg: QuantConfig) -> fx.GraphModule:
+    """A fake-quantized copy of ``model`` (``model`` is not modified), as a ``torch.fx.GraphModule``.
+
+    Any model ``torch.fx`` can trace works (see ``quant.graph`` for the ops and the fusion patterns:
+    Conv→BN→act, Conv→act, Linear→act, add→act; BN folded). Quantizers start enabled with observers
+    recording: calibrate (``calibrate`` / ``calibration_mode``) before evaluating. An unsupported op
+    raises ``QuantError`` naming the node and the line of ``forward``. The result carries
+    ``quant_config`` and ``float_signature`` attributes.
     """
     if not isinstance(cfg, QuantConfig):
         raise QuantError(f"quantize needs a QuantConfig, got {type(cfg).__name__}")
-    if not isinstance(model, nn.Sequential):
-        raise QuantError(f"quantize supports nn.Sequential models, got {type(model).__name__}; "
-                         f"rewrite the model as an nn.Sequential")
-    signature = float_signature(model)
-    qmodel = copy.deepcopy(model)
-    items = leaves(qmodel)
-    for path, m in items:
-        if isinstance(m, QModule):
+    if not isinstance(model, nn.Module):
+        raise QuantError(f"quantize needs an nn.Module, got {type(model).__name__}")
+    for path, m in model.named_modules():
+        if isinstance(m, (QModule, FakeQuantize)):
             raise QuantError(f"layer {path!r} is already quantized; pass the float model to quantize")
-    i = 0
-    while i < len(items):
-        for cls in QUANT_PATTERNS:
-            n = len(cls.pattern)
-            mods = [m for _, m in items[i:i + n]]
-            if len(mods) == n and all(type(m) is t for m, t in zip(mods, cls.pattern)):
-                _set(qmodel, items[i][0], cls.from_float(mods, cfg))
-                for path, _ in items[i + 1:i + n]:
-                    _set(qmodel, path, nn.Identity())
-                i += n
-                break
+    signature = float_signature(model)
+    nodes = model_graph(copy.deepcopy(model))
+    group = _groups(nodes)
+    users: dict[str, list[GNode]] = {}
+    for g in nodes:
+        for i in g.inputs:
+            users.setdefault(i, []).append(g)
+    root, graph = nn.Module(), fx.Graph()
+    env: dict[str, fx.Node] = {}
+    fq_of: dict[str, FakeQuantize] = {}  # group root -> its quantizer
+    made: dict[str, QModule] = {}
+
+    def owner(g: GNode, fq: FakeQuantize) -> FakeQuantize:
+        """The group's quantizer (the first producer's), shared by every producer of the group."""
+        return fq_of.setdefault(group[g.name], fq)
+
+    for g in nodes:
+        args = tuple(env[i] for i in g.inputs)
+        in_fqs = [fq_of[group[i]] for i in g.inputs]
+        if g.kind == "input":
+            fq = owner(g, input_quantizer(cfg))
+            env[g.name] = graph.call_module(_place(root, "input_quant", fq), (graph.placeholder(g.name),))
+            continue
+        if g.kind == "output":
+            graph.output(args[0])
+            continue
+        if g.kind == "flatten":
+            env[g.name] = graph.call_function(flatten_images, (args[0], g.attrs["size"]))
+            continue
+        if g.kind in ("conv", "linear"):
+            m: QModule = _weighted(g, cfg)
+            m.act_quant = owner(g, m.act_quant)
+            path = g.path
+        elif g.kind == "add":
+            m = QAdd(cfg, g.attrs.get("act"))
+            m.act_quant = owner(g, m.act_quant)
+            path = g.path or g.name
+        elif g.kind == "maxpool":
+            a = g.attrs
+            m, path = QMaxPool2d(a["kernel"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"]), g.path or g.name
+            src = made.get(g.inputs[0])
+            if isinstance(src, _QWeighted) and len(users[g.inputs[0]]) == 1:
+                # a layer's output straight into max pooling: QAT quantizes after the pooling (same values)
+                src.quantize_after_pool = m.quantizes_input_after = True
+        elif g.kind == "avgpool":
+            a = g.attrs
+            m, path = QAvgPool2d(a["kernel"], a["stride"], a["padding"], a["ceil_mode"], a["count_include_pad"],
+                                 a.get("divisor_override")), g.path or g.name
+        elif g.kind == "act":
+            m, path = QAct(g.attrs["lo"], g.attrs["hi"]), g.path or g.name
+        elif g.kind == "cat":
+            m, path = QCat(), g.path or g.name
         else:
-            path, m = items[i]
-            if isinstance(m, PASS_THROUGH):
-                i += 1
-                continue
-            hint = " (BatchNorm2d must directly follow a Conv2d)" if isinstance(m, nn.BatchNorm2d) else ""
-            raise QuantError(f"unsupported layer {path!r} of type {type(m).__name__}{hint}; quantize supports "
-                             f"{SUPPORTED} in nn.Sequential trees")
-    _link(qmodel, cfg)
-    qmodel.quant_config = cfg
-    qmodel.float_signature = signature
+            raise QuantError(f"internal: no fake-quant module for node kind {g.kind!r}")
+        m.attach_input(*in_fqs)
+        m.requant = cfg.rounding
+        made[g.name] = m
+        env[g.name] = graph.call_module(_place(root, path, m), args)
+    if not made:
+        raise QuantError("the model has no layer to quantize")
+    qmodel = fx.GraphModule(root, graph, f"Quantized{type(model).__name__}")
+    qmodel.train(model.training)
+    keep_attr(qmodel, "quant_config", cfg)
+    keep_attr(qmodel, "float_signature", signature)
     return qmodel
 
 
-def _link(qmodel: nn.Module, cfg: QuantConfig) -> None:
-    """Give the first quantized layer the input quantizer and tell each layer which quantizer feeds it."""
-    current: FakeQuantize | None = None
-    previous: nn.Module | None = None
-    for _, m in leaves(qmodel):
-        if isinstance(m, nn.Identity):
-            continue  # what fusion left behind
-        if isinstance(m, QMaxPool2d) and isinstance(previous, _QWeighted):
-            # a layer's output straight into max pooling: QAT quantizes after the pooling (same values)
-            previous.quantize_after_pool = m.quantizes_input_after = True
-        previous = m
-        if not isinstance(m, QModule):
-            continue
-        if current is None:
-            m.input_quant = act_quantizer(cfg)
-            current = m.input_quant
-        m.attach_input(current)
-        if isinstance(m, _QWeighted):
-            current = m.act_quant
-            m.requant = cfg.rounding
-    if current is None:
-        raise QuantError("the model has no layer to quantize")
+def keep_attr(gm: fx.GraphModule, name: str, value: Any) -> None:
+    """Set ``gm.name = value`` so that it survives ``copy.deepcopy`` (fx rebuilds a copied GraphModule)."""
+    setattr(gm, name, value)
+    gm.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})[name] = value
 
 
 def quantizers(model: nn.Module) -> Iterator[FakeQuantize]:
@@ -148,7 +198,7 @@ def set_requant(model: nn.Module, mode: str) -> None:
     if mode not in ("float", *ROUNDINGS):
         raise QuantError(f"unknown requantization {mode!r}; choose one of: float, {', '.join(ROUNDINGS)}")
     for m in model.modules():
-        if isinstance(m, _QWeighted):
+        if isinstance(m, (QModule, InputQuantize)):
             m.requant = mode
 
 
@@ -199,29 +249,14 @@ def convert(qmodel: nn.Module, rounding: str | None = None, clamp: str = "bits")
 
     rounding: 'ref' | 'builtin' | 'xnnpack' (default: ``qmodel.quant_config.rounding``).
     clamp: 'bits' clamps every activation to its b-bit range (the fake-quant semantics); 'int8'
-    clamps to [-128, 127] as LiteRT does for b < 8 bits stored in int8 tensors (fused ReLU still
-    clamps at the zero point).
+    clamps to [-128, 127] as LiteRT does for b < 8 bits stored in int8 tensors (fused activations still
+    clamp at their bounds).
     """
     if clamp not in ("bits", "int8"):
         raise QuantError(f"clamp must be 'bits' or 'int8', got {clamp!r}")
     cfg = getattr(qmodel, "quant_config", None)
-    rounding = rounding or (cfg.rounding if cfg is not None else "ref")
-    layers: list[nn.Module] = []
-    qp = None
-    for path, m in leaves(qmodel):
-        if isinstance(m, QModule) and m.input_quant is not None:
-            qp = m.input_quant.qparams()
-            layers.insert(0, QuantizeInput(qp, clamp))  # quantization commutes with leading pass-throughs
-        convert_fn: Callable[..., Any] | None = find_converter(m)
-        if convert_fn is None:
-            raise QuantError(f"cannot convert layer {path!r} of type {type(m).__name__}; convert a model made "
-                             f"by quant.quantize")
-        layer, qp = convert_fn(m, qp, clamp)
-        if layer is not None:
-            layers.append(layer)
-    if qp is None:
-        raise QuantError("the model has no quantized layer; build it with quant.quantize")
-    layers.append(Dequantize(qp))
-    meta = {"config": cfg.to_dict() if cfg is not None else None,
-            "float_signature": getattr(qmodel, "float_signature", None)}
-    return IntModel(layers, rounding=rounding, meta=meta)
+    if cfg is None or not isinstance(qmodel, fx.GraphModule):
+        raise QuantError("convert needs a model made by quant.quantize (and calibrated)")
+    rounding = rounding or cfg.rounding
+    meta = {"config": cfg.to_dict(), "float_signature": getattr(qmodel, "float_signature", None)}
+    return convert_graph(qmodel, rounding, clamp, meta)

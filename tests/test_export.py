@@ -116,23 +116,37 @@ def test_float_file_matches_pytorch_and_int8_file_is_small(fmnist_data, tmp_path
     assert len(i8) <= 0.3 * len(f32)
 
 
-def _tiny_int_model(layers: list[nn.Module]) -> quant.IntModel:
+def _tiny_int_model(layers: list[nn.Module], channels: int = 1) -> quant.IntModel:
     q = quantize(nn.Sequential(*layers), QuantConfig())
-    calibrate(q, [torch.randn(8, 1, 8, 8)])
+    calibrate(q, [torch.randn(8, channels, 8, 8)])
     return convert(q)
 
 
 def test_unsupported_layers_are_named():
-    im = _tiny_int_model([nn.Conv2d(1, 2, 3), nn.MaxPool2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(18, 3)])
-    with pytest.raises(QuantError, match=r"layers\.3 \(IntReLU\).*fused") as e:
-        export_tflite(im, None, (1, 8, 8))
+    im = _tiny_int_model([nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(144, 3)], channels=4)
+    with pytest.raises(QuantError, match=r"layers\.1 \(IntConv2d\).*groups=2") as e:
+        export_tflite(im, None, (4, 8, 8))
     assert "\n" not in str(e.value)
     with pytest.raises(QuantError, match="Sigmoid"):
         export_tflite(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Sigmoid()), None, (1, 8, 8))
     with pytest.raises(QuantError, match="groups=2"):
-        export_tflite(nn.Sequential(nn.Conv2d(2, 2, 3, groups=2)), None, (2, 8, 8))
-    with pytest.raises(QuantError, match="padding"):
-        export_tflite(nn.Sequential(nn.Conv2d(1, 2, 3, stride=2, padding=2)), None, (1, 8, 8))
+        export_tflite(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), None, (4, 8, 8))
+    with pytest.raises(QuantError, match="nn.Sequential"):
+        export_tflite(nn.Module(), None, (1, 8, 8))
+
+
+@needs_litert
+def test_stand_alone_relu_and_odd_padding_export_exactly():
+    """A ReLU after a max pool (not fusable) becomes a clamp at the zero point; padding TFLite's SAME cannot
+    express becomes an explicit PAD."""
+    im = _tiny_int_model([nn.Conv2d(1, 2, 3, stride=2, padding=2), nn.MaxPool2d(2), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8, 3)])
+    data = export_tflite(im, None, (1, 8, 8))
+    assert {"PAD", "MAXIMUM"} <= set(op_names(data))
+    x = torch.randn(64, 1, 8, 8)
+    for mode in MODES:
+        im.rounding = mode
+        assert torch.equal(TFLiteRunner(data, mode)(x).to(torch.int32), im.forward_int(x)), mode
 
 
 @needs_litert

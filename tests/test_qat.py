@@ -44,7 +44,7 @@ def _step(qmodel, x, y, lr=0.05):
 @pytest.mark.parametrize("quantizer", ["ste", "lsq"])
 def test_step_updates_float_shadow_weights_off_grid(quantizer):
     qmodel = _qat_model(quantizer=quantizer)
-    conv, fc = qmodel[0], qmodel[7]
+    conv, fc = qmodel.get_submodule("0"), qmodel.get_submodule("7")
     before = {k: v.detach().clone() for k, v in qmodel.named_parameters()}
     x, y = _batches(1, seed=3)[0]
     _step(qmodel, x, y)
@@ -67,7 +67,7 @@ def test_frozen_observers_do_not_move():
         assert torch.equal(fq.observer.min_val, lo) and torch.equal(fq.observer.max_val, hi)
     quant.set_act_observers(qmodel, True)
     _step(qmodel, _batches(1, seed=6)[0][0] * 3, _batches(1, seed=6)[0][1])
-    assert not torch.equal(qmodel[0].input_quant.observer.max_val, ranges[0][1])  # recording again: moves
+    assert not torch.equal(qmodel.input_quant.observer.max_val, ranges[0][1])  # recording again: moves
 
 
 def test_bn_before_freeze_matches_float_bn_in_train_mode_and_momentum():
@@ -91,7 +91,7 @@ def test_bn_before_freeze_matches_float_bn_in_train_mode_and_momentum():
 
 def test_bn_freeze_stops_running_statistics():
     qmodel = _qat_model(quantizer="ste")
-    bn = qmodel[0].bn
+    bn = qmodel.get_submodule("0").bn
     x, y = _batches(1, seed=7)[0]
     before = [t.clone() for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked)]
     _step(qmodel, x, y)
@@ -120,7 +120,7 @@ def test_after_freeze_eval_equals_integer_engine(quantizer, bits):
     x = _batches(1, seed=9)[0][0]
     with torch.no_grad():
         fq, ref = qmodel(x), imodel(x)
-    lsb = float(qmodel[7].act_quant.qparams().scale)
+    lsb = float(qmodel.get_submodule("7").act_quant.qparams().scale)
     assert torch.equal(fq.argmax(1), ref.argmax(1))
     assert ((fq - ref).abs() <= lsb * 1.001).float().mean() >= 0.99
     assert torch.equal(fq, ref)  # eval mode simulates the engine's requantization exactly
@@ -186,13 +186,13 @@ def test_quantizing_after_the_pool_in_training_gives_the_same_values(quantizer):
     """Conv(+BN)+ReLU directly before MaxPool2d: in training mode the output quantizer runs after the
     pooling (a quarter of the values); fake quantization is monotone, so the forward is unchanged."""
     qmodel = _qat_model(bits=4, quantizer=quantizer)
-    assert qmodel[0].quantize_after_pool and qmodel[3].quantizes_input_after
-    assert not qmodel[4].quantize_after_pool  # its output goes to Flatten
+    assert qmodel.get_submodule("0").quantize_after_pool and qmodel.get_submodule("3").quantizes_input_after
+    assert not qmodel.get_submodule("4").quantize_after_pool  # its output goes to Flatten
     quant.set_act_observers(qmodel, False)
     quant.set_bn_frozen(qmodel, True)
     x = _batches(1, seed=7)[0][0]
     deferred = qmodel(x)
-    qmodel[0].quantize_after_pool = qmodel[3].quantizes_input_after = False
+    qmodel.get_submodule("0").quantize_after_pool = qmodel.get_submodule("3").quantizes_input_after = False
     assert torch.equal(qmodel(x), deferred)
 
 
@@ -203,20 +203,20 @@ def test_ema_ranges_after_the_pool_equal_those_before_it():
     import copy
     deferred = _qat_model(bits=4, quantizer="ste")
     plain = copy.deepcopy(deferred)
-    plain[0].quantize_after_pool = plain[3].quantizes_input_after = False
+    plain.get_submodule("0").quantize_after_pool = plain.get_submodule("3").quantizes_input_after = False
     for x, _ in _batches(3, seed=11):
         with torch.no_grad():
             torch.testing.assert_close(deferred(x), plain(x), rtol=0, atol=0)
-    a, b = deferred[0].act_quant.qparams(), plain[0].act_quant.qparams()
+    a, b = deferred.get_submodule("0").act_quant.qparams(), plain.get_submodule("0").act_quant.qparams()
     assert torch.equal(a.scale, b.scale) and torch.equal(a.zero_point, b.zero_point)
-    assert not deferred[0].act_quant.observer.frozen
+    assert not deferred.get_submodule("0").act_quant.observer.frozen
 
 
 def test_lsq_weight_scales_per_channel_and_integer_model_uses_them():
     qmodel = _qat_model(bits=4, quantizer="lsq")
-    conv = qmodel[0]
+    conv = qmodel.get_submodule("0")
     assert isinstance(conv.weight_quant, LSQQuantize) and conv.weight_quant.scale.shape == (6,)
-    assert isinstance(conv.input_quant, LSQQuantize) and qmodel[4].input_fq is conv.act_quant
+    assert isinstance(qmodel.input_quant, LSQQuantize) and qmodel.get_submodule("4").input_fq is conv.act_quant
     init = conv.weight_quant.scale.detach().clone()
     for x, y in _batches(2, seed=10):
         _step(qmodel, x, y, lr=0.05)
@@ -285,7 +285,7 @@ def test_recipe_augmentation_fine_tuning_uses_the_data_sets_from_scratch_the_mod
 
 def test_bn_momentum_sets_the_running_statistics_update():
     qmodel = _qat_model(quantizer="lsq")
-    bn = qmodel[0].bn
+    bn = qmodel.get_submodule("0").bn
     quant.set_bn_momentum(qmodel, 0.01)
     x, _ = _batches(1, seed=3)[0]
     before, seen = bn.running_mean.clone(), []
@@ -332,7 +332,7 @@ def test_fold_grad_scale_scales_only_the_folded_conv_weight_gradient(frozen):
     """--fold-grad-scale: the forward is unchanged, the fused conv weight's gradient is multiplied by
     (sigma_run / gamma)^2 per output channel, every other gradient is unchanged."""
     qmodel = _qat_model(quantizer="lsq")
-    layer = qmodel[0]
+    layer = qmodel.get_submodule("0")
     with torch.no_grad():
         layer.bn.weight.uniform_(0.5, 3.0)
         layer.bn.running_var.uniform_(0.1, 2.0)

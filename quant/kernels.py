@@ -1,0 +1,430 @@
+"""Integer kernels: the layers of the integer engine, one class per TFLite op, b-bit values in int32 tensors.
+
+Pure integer arithmetic on tensors, importing neither the fake-quant modules nor the engine: the
+fake-quant layers call the same kernels for their runtime-exact eval path (``quant.modules``), the
+engine (``quant.integer``) runs them node by node, and the exporter reads their parameters.
+
+Weighted layers (conv, depthwise conv, fully connected) compute, per output channel c,
+
+    acc = sum((q_in - zp_in) * q_w[c]) + bias[c]                       (exact)
+    q_out = clamp(requantize(acc, M[c]) + zp_out, act_min, act_max)     (M = s_in * s_w[c] / s_out)
+
+Exact accumulation: the sums are done by a float64 conv / matmul over integer values. With
+|q_in - zp_in| <= 2^8, |q_w| <= 2^7 and K <= 2^20 terms, every partial sum is an integer below
+2^35 < 2^53, so float64 represents every intermediate exactly (and float64 convolution is
+direct im2col + GEMM, no Winograd/FFT). The int32 range of acc is checked, never wrapped.
+
+Requantization (``rounding``; see ``quant.fixed_point``): 'ref' (LiteRT reference kernels: conv
+SRDHM + RoundingDivideByPOT, fully connected single rounding), 'builtin' (ruy: ties toward +inf),
+'xnnpack' (float32 scale, round half to even). Multipliers: conv
+M = double(s_in) * double(s_w[c]) / double(s_out) (TFLite ``PopulateConvolutionQuantizationParams``),
+per-tensor fully connected the same (LiteRT's ``GetQuantizedConvolutionMultipler`` multiplies the
+scales in double; a float32 product gave a Fashion-MNIST cnn_bn logit one step off the reference
+kernel's, accumulator -13911); XNNPACK float(float(s_in * s_w[c]) / s_out).
+
+Fused activations clamp to [act_min, act_max] = the b-bit range narrowed by the activation's float
+bounds quantized as TFLite's ``CalculateActivationRangeQuantized`` does: zp + round_half_away(f32(b) / s)
+(ReLU: [max(qmin, zp), qmax]).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from quant.errors import QuantError
+from quant.fixed_point import INT32_MAX, KERNEL_ROUNDING, multiply_by_quantized_multiplier, quantize_multiplier, \
+    quantize_multipliers, requantize_float32, xnnpack_scale
+from quant.qparams import QParams, quantize, round_half_away
+
+INT_LAYERS: dict[str, type["IntLayer"]] = {}
+
+
+def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _register(cls: type["IntLayer"]) -> type["IntLayer"]:
+    INT_LAYERS[cls.__name__] = cls
+    return cls
+
+
+class IntLayer(nn.Module):
+    """Base: plain attributes listed in ``attrs`` plus buffers; ``spec``/``from_spec`` for checkpoints."""
+
+    attrs: tuple[str, ...] = ()
+    rounding = "ref"
+
+    def spec(self) -> dict[str, Any]:
+        return {"type": type(self).__name__, "attrs": {a: getattr(self, a) for a in self.attrs},
+                "buffers": {k: v.clone() for k, v in self._buffers.items() if v is not None}}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> "IntLayer":
+        obj = cls.__new__(cls)
+        nn.Module.__init__(obj)
+        for a, v in spec["attrs"].items():
+            setattr(obj, a, v)
+        for k, v in spec["buffers"].items():
+            obj.register_buffer(k, v)
+        return obj
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{a}={getattr(self, a)}" for a in self.attrs)
+
+
+def quantize_bound(v: float, qp: QParams) -> int:
+    """TFLite's quantization of an activation bound: zp + round_half_away(f32(v) / scale) (float32)."""
+    return int(qp.zero_point) + int(round_half_away(torch.tensor(v, dtype=torch.float32) / qp.scale.float()))
+
+
+def act_range(out_qp: QParams, act: tuple[float, float] | None, clamp: str) -> tuple[int, int]:
+    """[act_min, act_max] of an output: its b-bit range ('bits') or int8 ('int8'), narrowed by the fused
+    activation's float bounds ``act`` = (lo, hi) (None: no activation; ReLU is (0, inf))."""
+    lo, hi = (out_qp.qmin, out_qp.qmax) if clamp == "bits" else (-128, 127)
+    if act is not None:
+        if act[0] > -math.inf:
+            lo = max(lo, quantize_bound(act[0], out_qp))
+        if act[1] < math.inf:
+            hi = min(hi, quantize_bound(act[1], out_qp))
+    return lo, hi
+
+
+@_register
+class QuantizeInput(IntLayer):
+    """q = clamp(round_half_away(x / scale) + zero_point, qmin, qmax), float32 division, int32 out
+    (TFLite QUANTIZE, reference kernel). With rounding 'xnnpack' or 'builtin':
+    clamp(round_half_even(x * float32(1 / scale)) + zp), as XNNPACK's f32->qs8 convert (its params hold
+    the reciprocal of the scale) and LiteRT's optimized QUANTIZE (measured: -3.0908973 / 0.0349253937
+    = -88.5 exactly gives -88 there, -89 in the reference kernel)."""
+
+    attrs = ("zero_point", "qmin", "qmax")
+
+    def __init__(self, qp: QParams, clamp: str = "bits") -> None:
+        super().__init__()
+        self.register_buffer("scale", qp.scale.float().reshape(()))
+        self.zero_point = int(qp.zero_point)
+        self.qmin, self.qmax = (qp.qmin, qp.qmax) if clamp == "bits" else (-128, 127)
+
+    def qparams(self) -> QParams:
+        return QParams(self.scale, torch.tensor(self.zero_point, dtype=torch.int32), self.qmin, self.qmax)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rounding in ("xnnpack", "builtin"):  # x * f32(1 / scale), round half to even
+            y = (x.float() * torch.reciprocal(self.scale)).clamp(self.qmin - self.zero_point,
+                                                                 self.qmax - self.zero_point)
+            return torch.round(y).to(torch.int32) + self.zero_point
+        return quantize(x, self.qparams())
+
+
+@_register
+class Dequantize(IntLayer):
+    """real = float32(scale * (q - zero_point))."""
+
+    attrs = ("zero_point", "qmin", "qmax")
+
+    def __init__(self, qp: QParams) -> None:
+        super().__init__()
+        self.register_buffer("scale", qp.scale.float().reshape(()))
+        self.zero_point, self.qmin, self.qmax = int(qp.zero_point), qp.qmin, qp.qmax
+
+    def qparams(self) -> QParams:
+        return QParams(self.scale, torch.tensor(self.zero_point, dtype=torch.int32), self.qmin, self.qmax)
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return (q - self.zero_point).float() * self.scale
+
+
+class _IntWeighted(IntLayer):
+    """Shared: integer weights, int32 bias, per-channel M0/shift and XNNPACK scale, requantization."""
+
+    kind = "conv"
+    common = ("in_zp", "out_zp", "act_min", "act_max", "relu", "act", "out_qmin", "out_qmax", "rounding",
+              "f32_exact", "may_overflow")
+    act: tuple[float, float] | None = None  # float bounds of the fused activation (checkpoints before it: relu)
+
+    def _setup(self, p: dict[str, Any], clamp: str) -> None:
+        in_qp, w_qp, out_qp = p["in_qp"], p["w_qp"], p["out_qp"]
+        c = p["weight"].shape[0]
+        s_in = in_qp.scale.float().reshape(())
+        s_w = w_qp.scale.float().reshape(-1).expand(c).clone()
+        s_out = out_qp.scale.float().reshape(())
+        # double(s_in) * double(s_w) / double(s_out) for conv and fully connected alike, as LiteRT 2.x
+        # (kernel_util's GetQuantizedConvolutionMultipler); older TFLite formed the FC product in float32,
+        # which moves M0 by a few dozen units and flips outputs that lie within ~1e-6 of a rounding tie
+        real = s_in.double() * s_w.double() / s_out.double()
+        m0, shift = quantize_multipliers(real)
+        self.register_buffer("weight", p["weight"].to(torch.int8))
+        self.register_buffer("bias", p["bias"].to(torch.int32))
+        self.register_buffer("in_scale", s_in)
+        self.register_buffer("w_scale", s_w)
+        self.register_buffer("out_scale", s_out)
+        self.register_buffer("m0", m0)
+        self.register_buffer("shift", shift)
+        self.register_buffer("xnn_scale", xnnpack_scale(s_in, s_w, s_out))
+        self.in_zp, self.out_zp = int(in_qp.zero_point), int(out_qp.zero_point)
+        self.out_qmin, self.out_qmax = out_qp.qmin, out_qp.qmax
+        self.act = p["act"]
+        self.relu = self.act == (0.0, math.inf)
+        self.act_min, self.act_max = act_range(out_qp, self.act, clamp)
+        # static bounds: |q_in - zp_in| <= span, so |sum| <= span * sum|w| per channel
+        lo, hi = (in_qp.qmin, in_qp.qmax) if clamp == "bits" else (-128, 127)
+        span = max(hi - self.in_zp, self.in_zp - lo)
+        wsum = self.weight.double().abs().reshape(c, -1).sum(1) * span
+        self.f32_exact = bool(wsum.max() < 2 ** 24)  # every partial sum exact in float32
+        self.may_overflow = bool((wsum + self.bias.double().abs()).max() > INT32_MAX)
+
+    def out_qparams(self) -> QParams:
+        return QParams(self.out_scale, torch.tensor(self.out_zp, dtype=torch.int32), self.out_qmin, self.out_qmax)
+
+    def _accumulate(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """float32 when every partial sum provably stays below 2^24 (exact), else float64."""
+        return torch.float32 if self.f32_exact else torch.float64
+
+    def _check_overflow(self, acc: torch.Tensor, shape: list[int]) -> None:
+        if self.may_overflow and acc.numel():
+            bound = (acc.double() + self.bias.double().reshape(shape)).abs().max()
+            if bound > INT32_MAX:
+                raise QuantError(f"int32 accumulator overflow in {type(self).__name__} (|acc| = {int(bound)}); "
+                                 f"the scales are degenerate, recalibrate or use fewer bits")
+
+    def _requantize(self, acc: torch.Tensor, shape: list[int]) -> torch.Tensor:
+        """acc: exact sums without bias (float tensor of integers); returns clamped int32 outputs."""
+        acc = acc.to(torch.int64) + self.bias.reshape(shape)
+        if self.rounding == "xnnpack":
+            return requantize_float32(acc, self.xnn_scale.reshape(shape), self.out_zp, self.act_min, self.act_max)
+        if self.rounding not in KERNEL_ROUNDING:
+            raise QuantError(f"unknown rounding {self.rounding!r}; choose one of: {', '.join(KERNEL_ROUNDING)}")
+        r = multiply_by_quantized_multiplier(acc, self.m0.reshape(shape), self.shift.reshape(shape),
+                                             KERNEL_ROUNDING[self.rounding][self.kind])
+        return r.add_(self.out_zp).clamp_(self.act_min, self.act_max).to(torch.int32)
+
+
+@_register
+class IntConv2d(_IntWeighted):
+    """Integer conv (per-channel or per-tensor weights), fused ReLU as a clamp at the output zero point."""
+
+    kind = "conv"
+    attrs = _IntWeighted.common + ("stride", "padding", "dilation", "groups")
+
+    def __init__(self, p: dict[str, Any], q: Any, clamp: str = "bits") -> None:
+        super().__init__()
+        self._setup(p, clamp)
+        self.stride, self.padding, self.dilation, self.groups = q.stride, q.padding, q.dilation, q.groups
+
+    @property
+    def pool_fusable(self) -> bool:
+        """Requantization is monotone per channel (no wrapping left shift), so it commutes with max."""
+        return bool((self.shift <= 0).all())
+
+    def forward(self, x: torch.Tensor, pool: "IntMaxPool2d | None" = None) -> torch.Tensor:
+        """Integer conv; with ``pool`` (only if ``pool_fusable``) the max pooling is applied to the
+        accumulators before requantization, which gives the same integers with fewer operations."""
+        dt = self.dtype
+        acc = F.conv2d(x.to(dt) - self.in_zp, self.weight.to(dt), None, self.stride, self.padding,
+                       self.dilation, self.groups)
+        self._check_overflow(acc, [1, -1, 1, 1])
+        if pool is not None:
+            acc = pool.pool(acc)
+        return self._requantize(acc, [1, -1, 1, 1])
+
+
+@_register
+class IntLinear(_IntWeighted):
+    """Integer fully connected (per-tensor weights), fused ReLU as a clamp at the output zero point."""
+
+    kind = "fc"
+    attrs = _IntWeighted.common
+
+    def __init__(self, p: dict[str, Any], clamp: str = "bits") -> None:
+        super().__init__()
+        self._setup(p, clamp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dt = self.dtype
+        acc = F.linear(x.to(dt) - self.in_zp, self.weight.to(dt))
+        self._check_overflow(acc, [-1])
+        return self._requantize(acc, [-1])
+
+
+@_register
+class IntMaxPool2d(IntLayer):
+    """Max pooling on integers (exactly, via float32 which holds every |q| <= 2^24)."""
+
+    attrs = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
+
+    def __init__(self, q: Any) -> None:
+        super().__init__()
+        self.kernel_size, self.stride, self.padding = q.kernel_size, q.stride, q.padding
+        self.dilation, self.ceil_mode = q.dilation, q.ceil_mode
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """Max pooling of a float tensor holding integers (exact).
+
+        Non-overlapping windows without padding use strided element-wise maxima (several times faster
+        than ``max_pool2d`` on CPU, same values)."""
+        k, s = _pair(self.kernel_size), _pair(self.stride if self.stride is not None else self.kernel_size)
+        if k == s and _pair(self.padding) == (0, 0) and _pair(self.dilation) == (1, 1) and not self.ceil_mode:
+            h, w = x.shape[-2] // k[0] * k[0], x.shape[-1] // k[1] * k[1]
+            out = None
+            for i in range(k[0]):
+                for j in range(k[1]):
+                    v = x[..., i:h:k[0], j:w:k[1]]
+                    out = v.clone() if out is None else torch.maximum(out, v, out=out)
+            return out
+        return F.max_pool2d(x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(x.float()).to(torch.int32)
+
+
+@_register
+class IntFlatten(IntLayer):
+    """Flatten in NCHW order (same as the float model)."""
+
+    attrs = ("start_dim", "end_dim")
+
+    def __init__(self, start_dim: int = 1, end_dim: int = -1) -> None:
+        super().__init__()
+        self.start_dim, self.end_dim = start_dim, end_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(x, self.start_dim, self.end_dim)
+
+
+@_register
+class IntReLU(IntLayer):
+    """Stand-alone ReLU: max(q, zero_point)."""
+
+    attrs = ("zero_point",)
+
+    def __init__(self, zero_point: int) -> None:
+        super().__init__()
+        self.zero_point = zero_point
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp(min=self.zero_point)
+
+
+
+
+@_register
+class IntClamp(IntLayer):
+    """A stand-alone activation on the input's grid (same scale and zero point): clamp(q, lo, hi)."""
+
+    attrs = ("lo", "hi")
+
+    def __init__(self, lo: int, hi: int) -> None:
+        super().__init__()
+        self.lo, self.hi = int(lo), int(hi)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp(self.lo, self.hi)
+
+
+def add_multipliers(s1: float, s2: float, s_out: float) -> dict[str, int]:
+    """TFLite's int8 ADD parameters (``PrepareGeneralSubOp`` / add.cc), scales as float32 read in double:
+    left_shift 20; input multipliers s_i / (2 max(s1, s2)); output multiplier
+    2 max(s1, s2) / (2^20 s_out); each as (M0, shift) with shift <= 0."""
+    twice_max = 2.0 * max(s1, s2)
+    out: dict[str, int] = {}
+    for name, real in (("1", s1 / twice_max), ("2", s2 / twice_max), ("out", twice_max / ((1 << 20) * s_out))):
+        if real >= 1.0:
+            raise QuantError(f"ADD output scale {s_out:g} is too small for input scales {s1:g}, {s2:g} (TFLite needs "
+                             f"2 max(s1, s2) < 2^20 s_out); recalibrate the model")
+        out[f"m{name}"], out[f"shift{name}"] = quantize_multiplier(real)
+    return out
+
+
+def _f32(v: float) -> float:
+    return float(torch.tensor(v, dtype=torch.float32))
+
+
+def xnnpack_add_params(s1: float, s2: float, s_out: float, z1: int, z2: int) -> dict[str, int]:
+    """XNNPACK's qs8 add parameters (``xnn_init_qs8_add_minmax_scalar_params``): a = f32(s1 / s_out),
+    b = f32(s2 / s_out); shift = 20 - exponent(max(a, b)); multipliers lrintf(a * 2^shift), lrintf(b * 2^shift);
+    bias = 2^(shift - 1) - ma * z1 - mb * z2. The kernel: (bias + ma * q1 + mb * q2) >> shift (floor)."""
+    a, b = _f32(_f32(s1) / _f32(s_out)), _f32(_f32(s2) / _f32(s_out))
+    shift = 20 - math.frexp(max(a, b))[1] + 1  # frexp gives m in [0.5, 1): IEEE exponent = e - 1
+    ma, mb = (int(torch.round(torch.tensor(v * 2.0 ** shift, dtype=torch.float32))) for v in (a, b))
+    return {"xa": ma, "xb": mb, "xshift": shift, "xbias": (1 << (shift - 1)) - ma * z1 - mb * z2}
+
+
+@_register
+class IntAdd(IntLayer):
+    """TFLite int8 ADD of two tensors with their own scales, fused activation as a clamp.
+
+    ref / builtin (add.cc, integer_ops/add.h): x_i = (q_i - zp_i) << 20; y_i = MBQM(x_i, M_i, shift_i);
+    out = MBQM(y_1 + y_2, M_out, shift_out) + zp_out, each MBQM = RoundingDivideByPOT(SRDHM(.)).
+    xnnpack: see ``xnnpack_add_params``."""
+
+    attrs = ("z1", "z2", "out_zp", "act_min", "act_max", "act", "out_qmin", "out_qmax", "m1", "shift1", "m2", "shift2",
+             "mout", "shiftout", "xa", "xb", "xshift", "xbias")
+
+    def __init__(self, qp1: QParams, qp2: QParams, out_qp: QParams, act: tuple[float, float] | None,
+                 clamp: str = "bits") -> None:
+        super().__init__()
+        s1, s2, so = (float(q.scale.float()) for q in (qp1, qp2, out_qp))
+        self.z1, self.z2, self.out_zp = int(qp1.zero_point), int(qp2.zero_point), int(out_qp.zero_point)
+        for k, v in {**add_multipliers(s1, s2, so), **xnnpack_add_params(s1, s2, so, self.z1, self.z2)}.items():
+            setattr(self, k, v)
+        self.register_buffer("out_scale", out_qp.scale.float().reshape(()))
+        self.act = act
+        self.out_qmin, self.out_qmax = out_qp.qmin, out_qp.qmax
+        self.act_min, self.act_max = act_range(out_qp, act, clamp)
+
+    def out_qparams(self) -> QParams:
+        return QParams(self.out_scale, torch.tensor(self.out_zp, dtype=torch.int32), self.out_qmin, self.out_qmax)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        a, b = a.to(torch.int64), b.to(torch.int64)
+        if self.rounding == "xnnpack":
+            y = (a * self.xa + b * self.xb + self.xbias) >> self.xshift
+        else:
+            y1 = multiply_by_quantized_multiplier((a - self.z1) << 20, self.m1, self.shift1, "gemmlowp")
+            y2 = multiply_by_quantized_multiplier((b - self.z2) << 20, self.m2, self.shift2, "gemmlowp")
+            y = multiply_by_quantized_multiplier(y1 + y2, self.mout, self.shiftout, "gemmlowp")
+        return (y + self.out_zp).clamp_(self.act_min, self.act_max).to(torch.int32)
+
+
+@_register
+class IntAvgPool2d(IntLayer):
+    """TFLite int8 AVERAGE_POOL_2D (input and output share scale and zero point), unpadded windows:
+    acc = sum of the window's q; out = acc > 0 ? (acc + n/2) / n : (acc - n/2) / n with C division
+    (round half away from zero), n = kh * kw. ``kernel`` None: the whole H x W (global pooling)."""
+
+    attrs = ("kernel", "stride")
+
+    def __init__(self, kernel: tuple[int, int] | None, stride: tuple[int, int] | None) -> None:
+        super().__init__()
+        self.kernel, self.stride = kernel, stride
+
+    def window(self, x: torch.Tensor) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(kernel, stride) for input ``x`` (global pooling: the whole image)."""
+        if self.kernel is None:
+            return (x.shape[-2], x.shape[-1]), (x.shape[-2], x.shape[-1])
+        return tuple(self.kernel), tuple(self.stride)  # type: ignore[return-value]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k, s = self.window(x)
+        n = k[0] * k[1]
+        acc = F.avg_pool2d(x.double(), k, s, divisor_override=1).to(torch.int64)  # exact integer sums
+        half = n // 2
+        out = torch.where(acc > 0, torch.div(acc + half, n, rounding_mode="trunc"),
+                          torch.div(acc - half, n, rounding_mode="trunc"))
+        return out.to(torch.int32)
+
+
+@_register
+class IntCat(IntLayer):
+    """CONCATENATION on the channel axis; every input already has the output's scale and zero point."""
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        return torch.cat(xs, 1)
