@@ -44,7 +44,7 @@ import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -56,7 +56,7 @@ from quant.fold import fold_bn
 from quant.graph import model_graph
 from quant.integer import IntModel
 from quant.kernels import (Dequantize, IntAdd, IntAvgPool2d, IntCat, IntClamp, IntConv2d, IntFlatten, IntLinear,
-                           IntMaxPool2d, QuantizeInput, act_range)
+                           IntMaxPool2d, IntReLU, QuantizeInput, act_range)
 from quant.qparams import QParams
 from utils.io import atomic_write_bytes
 
@@ -561,41 +561,42 @@ def _tflite_padding(r: _Layer, hw: tuple[int, int], k: tuple[int, int]) -> int |
     return 0
 
 
+def _weighted_record(layer: IntConv2d | IntLinear, name: str) -> _Layer:
+    r = _Layer("conv" if isinstance(layer, IntConv2d) else "fc", name, layer.weight, layer.bias, _layer_act(layer),
+               q=_int_q(layer))
+    _check_int_layer(r)
+    if isinstance(layer, IntConv2d):
+        if isinstance(layer.padding, str):
+            raise QuantError(f"cannot export {name}: padding={layer.padding!r}; give the padding as integers")
+        r = replace(r, stride=_pair(layer.stride), padding=_pair(layer.padding), dilation=_pair(layer.dilation),
+                    groups=int(layer.groups))
+    return r
+
+
+#: integer kernel -> its emitter fn(emitter, layer, input values, name) -> output value (``quant.ops.OPS``)
+EMITTERS: dict[type, Callable[[_Emitter, Any, list[_Val], str], _Val]] = {
+    IntConv2d: lambda em, layer, ins, name: em.conv(ins[0], _weighted_record(layer, name)),
+    IntLinear: lambda em, layer, ins, name: em.fc(ins[0], _weighted_record(layer, name)),
+    IntMaxPool2d: lambda em, layer, ins, name: em.maxpool(ins[0], name, layer),
+    IntAvgPool2d: lambda em, layer, ins, name: em.avgpool(ins[0], name, layer),
+    IntFlatten: lambda em, layer, ins, name: em.flatten(ins[0], name),
+    IntAdd: lambda em, layer, ins, name: em.add(ins[0], ins[1], name, layer),
+    IntCat: lambda em, layer, ins, name: em.cat(ins, name),
+    IntClamp: lambda em, layer, ins, name: em.clamp(ins[0], name, layer.lo, layer.hi),
+    IntReLU: lambda em, layer, ins, name: em.clamp(ins[0], name, layer.zero_point, INT8_MAX),  # older checkpoints
+}
+
+
 def _emit_int(em: _Emitter, imodel: IntModel, v0: _Val) -> _Val:
     """Emit every layer of the integer engine between QuantizeInput and Dequantize; returns the output."""
     vals = {0: v0}
     for i in range(1, len(imodel.layers) - 1):
         layer = imodel.layers[i]
-        ins = [vals[j] for j in imodel.inputs[i]]
         name = f"layers.{i} ({type(layer).__name__})"
-        if isinstance(layer, (IntConv2d, IntLinear)):
-            r = _Layer("conv" if isinstance(layer, IntConv2d) else "fc", name, layer.weight, layer.bias,
-                       _layer_act(layer), q=_int_q(layer))
-            _check_int_layer(r)
-            if isinstance(layer, IntConv2d):
-                if isinstance(layer.padding, str):
-                    raise QuantError(f"cannot export {name}: padding={layer.padding!r}; give the padding as integers")
-                r = replace(r, stride=_pair(layer.stride), padding=_pair(layer.padding),
-                            dilation=_pair(layer.dilation), groups=int(layer.groups))
-                vals[i] = em.conv(ins[0], r)
-            else:
-                vals[i] = em.fc(ins[0], r)
-        elif isinstance(layer, IntMaxPool2d):
-            vals[i] = em.maxpool(ins[0], name, layer)
-        elif isinstance(layer, IntAvgPool2d):
-            vals[i] = em.avgpool(ins[0], name, layer)
-        elif isinstance(layer, IntFlatten) and (layer.start_dim, layer.end_dim) == (1, -1):
-            vals[i] = em.flatten(ins[0], name)
-        elif isinstance(layer, IntAdd):
-            vals[i] = em.add(ins[0], ins[1], name, layer)
-        elif isinstance(layer, IntCat):
-            vals[i] = em.cat(ins, name)
-        elif isinstance(layer, IntClamp):
-            vals[i] = em.clamp(ins[0], name, layer.lo, layer.hi)
-        elif type(layer).__name__ == "IntReLU":  # integer checkpoints written before IntClamp
-            vals[i] = em.clamp(ins[0], name, layer.zero_point, INT8_MAX)
-        else:
+        emit = EMITTERS.get(type(layer))
+        if emit is None or (isinstance(layer, IntFlatten) and (layer.start_dim, layer.end_dim) != (1, -1)):
             raise QuantError(f"cannot export {name}: no TFLite lowering for {type(layer).__name__}")
+        vals[i] = emit(em, layer, [vals[j] for j in imodel.inputs[i]], name)
     return vals[imodel.inputs[-1][0]]
 
 

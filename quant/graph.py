@@ -47,6 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from quant.errors import QuantError
+from quant.ops import OPS
 
 INF = math.inf
 
@@ -389,7 +390,7 @@ def _fuse(nodes: list[GNode]) -> list[GNode]:
         drop(g, p.name)
     for g in [g for g in nodes if g.kind == "act"]:
         p = by_name[g.inputs[0]]
-        if p.kind in ("conv", "linear", "add") and users()[p.name] == 1 and "act" not in p.attrs:
+        if OPS[p.kind].fuses_act and users()[p.name] == 1 and "act" not in p.attrs:
             p.attrs["act"] = (g.attrs["lo"], g.attrs["hi"])
             drop(g, p.name)
     return nodes

@@ -3,8 +3,8 @@ tensors end to end (TFLite numerics), over the graph of the fake-quant model.
 
 ``IntModel`` = QuantizeInput → integer layers (each reading the outputs of the layers named in
 ``inputs``) → Dequantize. ``convert_graph`` builds it from a model made by ``quant.quantize``: every
-fake-quant module gives its kernel (``int_layer``), ops that keep their input's grid (max pooling,
-flatten, concatenation, stand-alone activations) keep its qparams.
+fake-quant module gives its kernel and output qparams (``int_layer``; ops that keep their input's
+grid return the input's qparams).
 
 Flatten keeps NCHW order (an exporter to NHWC permutes the next weights). ``forward_int`` returns the
 integer logits, ``forward`` dequantizes them.
@@ -19,35 +19,9 @@ import torch.nn as nn
 
 from quant.errors import QuantError
 from quant.fixed_point import KERNEL_ROUNDING
-from quant.kernels import (INT_LAYERS, Dequantize, IntCat, IntClamp, IntConv2d, IntFlatten, IntLayer, IntMaxPool2d,
-                           QuantizeInput, act_range)
-from quant.modules import FakeQuantize, QAct, QCat, QMaxPool2d, QModule, flatten_images
+from quant.kernels import INT_LAYERS, Dequantize, IntConv2d, IntFlatten, IntMaxPool2d, QuantizeInput
+from quant.modules import flatten_images
 from quant.qparams import QParams
-
-
-def _same_grid(qps: list[QParams], what: str) -> QParams:
-    first = qps[0]
-    for qp in qps[1:]:
-        if not (torch.equal(qp.scale, first.scale) and torch.equal(qp.zero_point, first.zero_point)):
-            raise QuantError(f"the inputs of {what} have different scales or zero points; build the model with "
-                             f"quant.quantize, which makes them share one quantizer")
-    return first
-
-
-def _module_layer(m: nn.Module, in_qps: list[QParams], clamp: str) -> tuple[IntLayer, QParams]:
-    """The integer kernel of one fake-quant module and its output qparams."""
-    if isinstance(m, FakeQuantize):
-        qp = m.qparams()
-        return QuantizeInput(qp, clamp), qp
-    if isinstance(m, QMaxPool2d):
-        return IntMaxPool2d(m), in_qps[0]
-    if isinstance(m, QAct):
-        return IntClamp(*act_range(in_qps[0], m.act, clamp)), in_qps[0]
-    if isinstance(m, QCat):
-        return IntCat(), _same_grid(in_qps, "a concatenation")
-    if isinstance(m, QModule):
-        return m.int_layer(clamp)
-    raise QuantError(f"cannot convert a {type(m).__name__}; convert a model made by quant.quantize")
 
 
 def convert_graph(gm: fx.GraphModule, rounding: str, clamp: str, meta: dict[str, Any]) -> "IntModel":
@@ -67,7 +41,10 @@ def convert_graph(gm: fx.GraphModule, rounding: str, clamp: str, meta: dict[str,
             break
         ins = [where[a.name] for a in srcs]
         if node.op == "call_module":
-            layer, qp = _module_layer(gm.get_submodule(node.target), [q for _, q in ins], clamp)
+            m = gm.get_submodule(node.target)
+            if not hasattr(m, "int_layer"):
+                raise QuantError(f"cannot convert a {type(m).__name__}; convert a model made by quant.quantize")
+            layer, qp = m.int_layer(clamp)
         elif node.op == "call_function" and node.target is flatten_images:
             layer, qp = IntFlatten(1, -1), ins[0][1]
         else:

@@ -39,7 +39,8 @@ from quant.config import QuantConfig
 from quant.errors import QuantError
 from quant.fixed_point import INT32_MAX, INT32_MIN
 from quant.fold import fold_bn_params
-from quant.kernels import IntAdd, IntAvgPool2d, IntConv2d, IntLayer, IntLinear, QuantizeInput, act_range
+from quant.kernels import (IntAdd, IntAvgPool2d, IntCat, IntClamp, IntConv2d, IntLayer, IntLinear, IntMaxPool2d,
+                           QuantizeInput, act_range)
 from quant.observers import WEIGHT_RANGES, Observer, build_observer
 from quant.qparams import QParams, dequantize, fake_quantize, quantize, round_half_away
 
@@ -51,13 +52,33 @@ class FakeQuantize(nn.Module):
     (used for weights, which change during QAT).
     """
 
+    #: the model input's quantizer only (``quant.transforms``): in eval mode with 'xnnpack' or 'builtin'
+    #: and a final range, round as those runtimes' QUANTIZE does (x * f32(1 / scale), half to even:
+    #: ``quant.kernels.QuantizeInput``), so fake quantization equals the engine there too
+    requant = "float"
+
     def __init__(self, observer: Observer, dynamic: bool = False) -> None:
         super().__init__()
         self.observer = observer
         self.dynamic = dynamic
         self.enabled = True
 
+    def _runtime_input(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.training or self.requant not in ("xnnpack", "builtin") or not self.ready():
+            return None
+        layer, qp = self.int_layer()
+        layer.rounding = self.requant
+        return dequantize(layer(x), qp).to(x.dtype)
+
+    def int_layer(self, clamp: str = "bits") -> tuple[IntLayer, QParams]:
+        """The input's integer kernel (TFLite QUANTIZE) and its qparams."""
+        qp = self.qparams()
+        return QuantizeInput(qp, clamp), qp
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._runtime_input(x)
+        if y is not None:
+            return y
         if not self.observer.frozen:
             if self.dynamic:
                 self.observer.reset()
@@ -87,21 +108,6 @@ class FakeQuantize(nn.Module):
 
     def extra_repr(self) -> str:
         return f"enabled={self.enabled}, dynamic={self.dynamic}"
-
-
-class InputQuantize(FakeQuantize):
-    """The model input's quantizer. In eval mode with ``requant`` 'xnnpack' or 'builtin' and a final range
-    it rounds as those runtimes' QUANTIZE (x * f32(1 / scale), half to even: ``quant.kernels.QuantizeInput``),
-    so fake quantization equals the engine there too; otherwise a ``FakeQuantize``."""
-
-    requant = "float"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training and self.requant in ("xnnpack", "builtin") and self.ready():
-            layer = QuantizeInput(self.qparams())
-            layer.rounding = self.requant
-            return dequantize(layer(x), self.qparams()).to(x.dtype)
-        return super().forward(x)
 
 
 def act_quantizer(cfg: QuantConfig) -> FakeQuantize:
@@ -190,7 +196,7 @@ class LSQQuantize(FakeQuantize):
     def from_fake_quant(cls, fq: FakeQuantize) -> "LSQQuantize":
         """Initialised from a calibrated quantizer's QParams (the PTQ scales)."""
         lsq = cls(fq.observer, fq.qparams())
-        lsq.enabled = fq.enabled
+        lsq.enabled, lsq.requant = fq.enabled, fq.requant
         return lsq
 
     def _scale(self) -> torch.Tensor:
@@ -204,6 +210,9 @@ class LSQQuantize(FakeQuantize):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
+        y = self._runtime_input(x)
+        if y is not None:
+            return y
         s, zp = self._scale(), self.zero_point.to(x.dtype)
         if self.qmin == -self.qmax:  # weights (symmetric narrow): N = weights per scale, Qp = qmax
             n, levels = x.numel() // max(s.numel(), 1), self.qmax
@@ -573,6 +582,9 @@ class QMaxPool2d(QModule):
         y = F.max_pool2d(x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
         return self.input_fq(y) if after else y
 
+    def int_layer(self, clamp: str = "bits") -> tuple[IntLayer, QParams]:
+        return IntMaxPool2d(self), self.input_qparams()
+
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
 
@@ -588,6 +600,10 @@ class QAct(QModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.input_fq.requantize(_activation(x, self.act))
+
+    def int_layer(self, clamp: str = "bits") -> tuple[IntLayer, QParams]:
+        qp = self.input_qparams()
+        return IntClamp(*act_range(qp, self.act, clamp)), qp
 
     def extra_repr(self) -> str:
         return f"act={self.act}"
@@ -621,6 +637,14 @@ class QCat(QModule):
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
         return torch.cat(xs, 1)
+
+    def int_layer(self, clamp: str = "bits") -> tuple[IntLayer, QParams]:
+        qps = [fq.qparams() for fq in self.input_fqs]
+        if any(not (torch.equal(q.scale, qps[0].scale) and torch.equal(q.zero_point, qps[0].zero_point))
+               for q in qps):
+            raise QuantError("the inputs of a concatenation have different scales or zero points; build the model "
+                             "with quant.quantize, which makes them share one quantizer")
+        return IntCat(), qps[0]
 
 
 class QAvgPool2d(QModule):

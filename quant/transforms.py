@@ -33,14 +33,8 @@ from quant.config import ROUNDINGS, QuantConfig
 from quant.errors import QuantError
 from quant.graph import GNode, float_signature, model_graph
 from quant.integer import IntModel, convert_graph
-from quant.observers import build_observer
-from quant.modules import (FakeQuantize, InputQuantize, QAct, QAdd, QAvgPool2d, QCat, QConv2d, QConvBN, QConvBNReLU, QConvReLU,
-                           QLinear, QLinearReLU, QMaxPool2d, QModule, _QWeighted, act_quantizer, flatten_images)
-
-RELU = (0.0, float("inf"))
-#: node kinds whose output lies on their input's grid (same quantizer)
-SHARES_INPUT = ("maxpool", "avgpool", "act", "flatten", "cat")
-
+from quant.modules import FakeQuantize, QModule, _QWeighted, act_quantizer, flatten_images
+from quant.ops import OPS
 
 def _groups(nodes: list[GNode]) -> dict[str, str]:
     """Union-find of quantizer groups: node name -> the name of its group's root."""
@@ -53,28 +47,18 @@ def _groups(nodes: list[GNode]) -> dict[str, str]:
         return a
 
     for g in nodes:
-        if g.kind in SHARES_INPUT:
+        if g.kind in OPS and OPS[g.kind].qparams in ("input", "shared"):
             for i in g.inputs:
                 parent[find(i)] = find(g.name)
     return {name: find(name) for name in parent}
 
 
-def input_quantizer(cfg: QuantConfig) -> InputQuantize:
-    """The input's quantizer: asymmetric signed act_bits, observer ``cfg.observer``."""
-    fq = InputQuantize(build_observer(cfg.observer, cfg.act_bits, symmetric=False, narrow=False,
-                                      momentum=cfg.ema_momentum))
+def input_quantizer(cfg: QuantConfig) -> FakeQuantize:
+    """The input's quantizer: asymmetric signed act_bits, observer ``cfg.observer``, eval-mode rounding of
+    the config's runtime (``FakeQuantize.requant``)."""
+    fq = act_quantizer(cfg)
     fq.requant = cfg.rounding
     return fq
-
-
-def _weighted(g: GNode, cfg: QuantConfig) -> _QWeighted:
-    act, bn = g.attrs.get("act"), g.attrs.get("bn")
-    if g.kind == "linear":
-        return QLinearReLU(g.module, cfg, relu=True) if act == RELU else QLinear(g.module, cfg, act=act)
-    if bn is not None:
-        return QConvBNReLU(g.module, bn, cfg, relu=True) if act == RELU else QConvBN(g.module, bn, cfg, relu=False,
-                                                                                      act=act)
-    return QConvReLU(g.module, cfg, relu=True) if act == RELU else QConv2d(g.module, cfg, act=act)
 
 
 def _place(root: nn.Module, path: str, m: nn.Module) -> str:
@@ -137,31 +121,17 @@ def quantize(model: nn.Module, cfg: QuantConfig) -> fx.GraphModule:
         if g.kind == "flatten":
             env[g.name] = graph.call_function(flatten_images, (args[0], g.attrs["size"]))
             continue
-        if g.kind in ("conv", "linear"):
-            m: QModule = _weighted(g, cfg)
+        if g.kind not in OPS or OPS[g.kind].module is None:
+            raise QuantError(f"internal: no fake-quant module for node kind {g.kind!r}")
+        m: QModule = OPS[g.kind].module(g, cfg)
+        if OPS[g.kind].qparams == "own":
             m.act_quant = owner(g, m.act_quant)
-            path = g.path
-        elif g.kind == "add":
-            m = QAdd(cfg, g.attrs.get("act"))
-            m.act_quant = owner(g, m.act_quant)
-            path = g.path or g.name
-        elif g.kind == "maxpool":
-            a = g.attrs
-            m, path = QMaxPool2d(a["kernel"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"]), g.path or g.name
+        if g.kind == "maxpool":
             src = made.get(g.inputs[0])
             if isinstance(src, _QWeighted) and len(users[g.inputs[0]]) == 1:
                 # a layer's output straight into max pooling: QAT quantizes after the pooling (same values)
                 src.quantize_after_pool = m.quantizes_input_after = True
-        elif g.kind == "avgpool":
-            a = g.attrs
-            m, path = QAvgPool2d(a["kernel"], a["stride"], a["padding"], a["ceil_mode"], a["count_include_pad"],
-                                 a.get("divisor_override")), g.path or g.name
-        elif g.kind == "act":
-            m, path = QAct(g.attrs["lo"], g.attrs["hi"]), g.path or g.name
-        elif g.kind == "cat":
-            m, path = QCat(), g.path or g.name
-        else:
-            raise QuantError(f"internal: no fake-quant module for node kind {g.kind!r}")
+        path = g.path or g.name
         m.attach_input(*in_fqs)
         m.requant = cfg.rounding
         made[g.name] = m
@@ -198,8 +168,12 @@ def set_requant(model: nn.Module, mode: str) -> None:
     if mode not in ("float", *ROUNDINGS):
         raise QuantError(f"unknown requantization {mode!r}; choose one of: float, {', '.join(ROUNDINGS)}")
     for m in model.modules():
-        if isinstance(m, (QModule, InputQuantize)):
+        if isinstance(m, QModule):
             m.requant = mode
+    if isinstance(model, fx.GraphModule):  # the input quantizers: FakeQuantize modules called by the graph
+        for node in model.graph.nodes:
+            if node.op == "call_module" and isinstance(model.get_submodule(node.target), FakeQuantize):
+                model.get_submodule(node.target).requant = mode
 
 
 def set_observers(model: nn.Module, enabled: bool) -> None:

@@ -1,5 +1,6 @@
 """Graph mode (quant.graph): models written as classes with ``forward`` quantize, convert and export;
 fake quantization equals the integer engine exactly, and LiteRT equals the engine in each kernel set."""
+import copy
 import importlib.util
 
 import pytest
@@ -119,11 +120,12 @@ def test_cat_inputs_share_one_quantizer():
     assert q.a.act_quant is q.b.act_quant
 
 
-def test_qat_on_a_residual_model_trains_and_converts():
+@pytest.mark.parametrize("rounding", ["ref", "xnnpack"])
+def test_qat_on_a_residual_model_trains_and_converts(rounding):
     model, shape = build("resnet")
-    q, x = calibrated(model, shape, 4)
+    q, x = calibrated(model, shape, 4, rounding)
     for quantizer in ("ste", "lsq"):
-        qq = quant.prepare_qat(__import__("copy").deepcopy(q), quant.QATConfig(quantizer=quantizer))
+        qq = quant.prepare_qat(copy.deepcopy(q), quant.QATConfig(quantizer=quantizer))
         qq.train()
         opt = torch.optim.SGD(qq.parameters(), lr=0.01)
         y = torch.randint(0, 10, (len(x),))
