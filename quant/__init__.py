@@ -1,4 +1,5 @@
-"""Quantization that simulates TensorFlow Lite integer numerics exactly (see ../shared/DESIGN.md).
+"""Quantization that simulates TensorFlow Lite integer numerics exactly (see ../shared/DESIGN.md and
+notes/graph-mode.md). ``float_model`` is any ``nn.Module`` torch.fx can trace (``quant.graph``):
 
     qmodel = quant.quantize(float_model, quant.QuantConfig(weight_bits=8, act_bits=8))
     quant.calibrate(qmodel, train_batches, num_batches=cfg.calib_batches)   # PTQ
@@ -14,6 +15,7 @@ from quant.evaluate import compare
 from quant.export_tflite import TFLiteRunner, export_tflite
 from quant.fixed_point import multiply_by_quantized_multiplier, quantize_multiplier
 from quant.fold import fold_bn
+from quant.graph import model_graph
 from quant.integer import IntModel
 from quant.modules import LSQQuantize
 from quant.qparams import QParams, choose_qparams, dequantize, fake_quantize, quantize as quantize_tensor
@@ -25,7 +27,7 @@ __all__ = [
     "QuantConfig", "QATConfig", "QuantError", "LSQQuantize", "QParams", "IntModel",
     "quantize", "calibrate", "calibration_mode", "convert", "set_fake_quant", "set_observers", "set_requant", "compare",
     "save_quantized", "load_quantized", "save_integer", "load_integer",
-    "choose_qparams", "quantize_tensor", "dequantize", "fake_quantize", "fold_bn",
+    "choose_qparams", "quantize_tensor", "dequantize", "fake_quantize", "fold_bn", "model_graph",
     "quantize_multiplier", "multiply_by_quantized_multiplier",
     "prepare_qat", "set_bn_frozen", "set_bn_momentum", "set_fold_grad_scale", "set_act_observers",
     "frozen_act_observers", "clamp_lsq_",
