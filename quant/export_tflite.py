@@ -55,6 +55,7 @@ from quant.fixed_point import INT32_MAX, quantize_multiplier
 from quant.fold import fold_bn
 from quant.graph import model_graph
 from quant.integer import IntModel
+from quant.ops import OPS as OP_RULES
 from quant.kernels import (Dequantize, IntAdd, IntAvgPool2d, IntCat, IntClamp, IntConv2d, IntFlatten, IntLinear,
                            IntMaxPool2d, IntReLU, QuantizeInput, act_range)
 from quant.qparams import QParams
@@ -468,7 +469,7 @@ class _Emitter:
         return out if r.q is None else self._produced(r.name, out, guaranteed, r.q["act"])
 
     def maxpool(self, v: _Val, name: str, m: Any) -> _Val:
-        c, h, w = self._image(v, name)
+        self._image(v, name)
         k, s = _pair(m.kernel_size), _pair(m.stride if m.stride is not None else m.kernel_size)
         if _pair(m.padding) != (0, 0) or _pair(m.dilation) != (1, 1) or m.ceil_mode:
             raise QuantError(f"cannot export {name}: MaxPool2d with padding, dilation or ceil_mode; only "
@@ -486,7 +487,7 @@ class _Emitter:
 
     def avgpool(self, v: _Val, name: str, layer: IntAvgPool2d) -> _Val:
         c, h, w = self._image(v, name)
-        k, s = ((h, w), (h, w)) if layer.kernel is None else (tuple(layer.kernel), tuple(layer.stride))
+        k, s = layer.window(h, w)
         v = self.flush(v, name)
         return self._pool(v, name, "AVERAGE_POOL_2D", k, s)  # the mean of clamped values stays in the clamp
 
@@ -573,18 +574,20 @@ def _weighted_record(layer: IntConv2d | IntLinear, name: str) -> _Layer:
     return r
 
 
-#: integer kernel -> its emitter fn(emitter, layer, input values, name) -> output value (``quant.ops.OPS``)
-EMITTERS: dict[type, Callable[[_Emitter, Any, list[_Val], str], _Val]] = {
-    IntConv2d: lambda em, layer, ins, name: em.conv(ins[0], _weighted_record(layer, name)),
-    IntLinear: lambda em, layer, ins, name: em.fc(ins[0], _weighted_record(layer, name)),
-    IntMaxPool2d: lambda em, layer, ins, name: em.maxpool(ins[0], name, layer),
-    IntAvgPool2d: lambda em, layer, ins, name: em.avgpool(ins[0], name, layer),
-    IntFlatten: lambda em, layer, ins, name: em.flatten(ins[0], name),
-    IntAdd: lambda em, layer, ins, name: em.add(ins[0], ins[1], name, layer),
-    IntCat: lambda em, layer, ins, name: em.cat(ins, name),
-    IntClamp: lambda em, layer, ins, name: em.clamp(ins[0], name, layer.lo, layer.hi),
-    IntReLU: lambda em, layer, ins, name: em.clamp(ins[0], name, layer.zero_point, INT8_MAX),  # older checkpoints
+#: op kind (``quant.ops.OPS``) -> its emitter fn(emitter, kernel, input values, name) -> output value
+EMITTERS: dict[str, Callable[[_Emitter, Any, list[_Val], str], _Val]] = {
+    "conv": lambda em, layer, ins, name: em.conv(ins[0], _weighted_record(layer, name)),
+    "linear": lambda em, layer, ins, name: em.fc(ins[0], _weighted_record(layer, name)),
+    "maxpool": lambda em, layer, ins, name: em.maxpool(ins[0], name, layer),
+    "avgpool": lambda em, layer, ins, name: em.avgpool(ins[0], name, layer),
+    "flatten": lambda em, layer, ins, name: em.flatten(ins[0], name),
+    "add": lambda em, layer, ins, name: em.add(ins[0], ins[1], name, layer),
+    "cat": lambda em, layer, ins, name: em.cat(ins, name),
+    "act": lambda em, layer, ins, name: em.clamp(ins[0], name, layer.lo, layer.hi),
+    "relu": lambda em, layer, ins, name: em.clamp(ins[0], name, layer.zero_point, INT8_MAX),  # IntReLU: older files
 }
+#: integer kernel -> the op kind it belongs to
+KIND_OF = {**{op.kernel: op.kind for op in OP_RULES.values()}, IntReLU: "relu"}
 
 
 def _emit_int(em: _Emitter, imodel: IntModel, v0: _Val) -> _Val:
@@ -593,7 +596,7 @@ def _emit_int(em: _Emitter, imodel: IntModel, v0: _Val) -> _Val:
     for i in range(1, len(imodel.layers) - 1):
         layer = imodel.layers[i]
         name = f"layers.{i} ({type(layer).__name__})"
-        emit = EMITTERS.get(type(layer))
+        emit = EMITTERS.get(KIND_OF.get(type(layer), ""))
         if emit is None or (isinstance(layer, IntFlatten) and (layer.start_dim, layer.end_dim) != (1, -1)):
             raise QuantError(f"cannot export {name}: no TFLite lowering for {type(layer).__name__}")
         vals[i] = emit(em, layer, [vals[j] for j in imodel.inputs[i]], name)
@@ -628,7 +631,7 @@ def _emit_float(em: _Emitter, model: nn.Module, v: _Val) -> _Val:
         elif g.kind == "avgpool":
             if tuple(a["padding"]) != (0, 0) or a["ceil_mode"] or a.get("divisor_override") is not None:
                 raise QuantError(f"cannot export {name}: AvgPool2d with padding, ceil_mode or divisor_override")
-            vals[g.name] = em.avgpool(ins[0], name, SimpleNamespace(kernel=a["kernel"], stride=a["stride"]))
+            vals[g.name] = em.avgpool(ins[0], name, IntAvgPool2d(a["kernel"], a["stride"]))
         elif g.kind == "flatten":
             vals[g.name] = em.flatten(ins[0], name)
         elif g.kind == "add":

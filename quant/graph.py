@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import operator
+import os
 import re
 import traceback
 from dataclasses import dataclass, field
@@ -85,7 +86,6 @@ def _user_where(stack: str | None) -> str:
 
 def _short(path: str) -> str:
     """A path relative to the working directory when it is below it."""
-    import os
     try:
         rel = os.path.relpath(path)
         return path if rel.startswith("..") else rel

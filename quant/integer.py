@@ -11,7 +11,7 @@ integer logits, ``forward`` dequantizes them.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.fx as fx

@@ -406,14 +406,14 @@ class IntAvgPool2d(IntLayer):
         super().__init__()
         self.kernel, self.stride = kernel, stride
 
-    def window(self, x: torch.Tensor) -> tuple[tuple[int, int], tuple[int, int]]:
-        """(kernel, stride) for input ``x`` (global pooling: the whole image)."""
+    def window(self, h: int, w: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(kernel, stride) for an h x w input (global pooling: the whole image)."""
         if self.kernel is None:
-            return (x.shape[-2], x.shape[-1]), (x.shape[-2], x.shape[-1])
+            return (h, w), (h, w)
         return tuple(self.kernel), tuple(self.stride)  # type: ignore[return-value]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k, s = self.window(x)
+        k, s = self.window(x.shape[-2], x.shape[-1])
         n = k[0] * k[1]
         acc = F.avg_pool2d(x.double(), k, s, divisor_override=1).to(torch.int64)  # exact integer sums
         half = n // 2

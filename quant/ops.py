@@ -1,6 +1,6 @@
 """One record per op kind: the rules every stage reads for a node of that kind.
 
-    OPS["add"] = Op("add", qparams="own", module=QAdd..., kernel=IntAdd, tflite="ADD", fuses_act=True)
+    OPS["add"] = Op("add", qparams="own", module=QAdd..., kernel=IntAdd, fuses_act=True)   # TFLite ADD
 
 * ``quant.graph`` normalises every spelling of an op (module, function, method) to its kind and fuses
   an activation into the kinds with ``fuses_act``;
@@ -9,7 +9,8 @@
   zero point; 'input' -- it keeps its input's (pooling, reshape, stand-alone activations); 'shared' --
   its inputs and output share one (concatenation, whose kernel refuses inputs that differ);
 * ``quant.integer.convert_graph`` asks each fake-quant module for its ``kernel`` (``int_layer``);
-* ``quant.export_tflite`` writes each kernel as ``tflite`` (its emitter is keyed by ``kernel``).
+* ``quant.export_tflite`` finds the kind of each kernel by ``kernel`` and writes it with that kind's
+  emitter (``EMITTERS``).
 
 Adding an op: its spellings in ``quant.graph``, one record here, its fake-quant module (``quant.modules``,
 whose ``int_layer`` returns the kernel), its kernel (``quant.kernels``) and an emitter in
@@ -39,8 +40,7 @@ class Op:
     kind: str
     qparams: str
     module: Callable[[Any, QuantConfig], nn.Module] | None
-    kernel: type[IntLayer] | None
-    tflite: str
+    kernel: type[IntLayer]
     fuses_act: bool = False
 
 
@@ -69,13 +69,13 @@ def _avgpool(g: Any, cfg: QuantConfig) -> QAvgPool2d:
 
 
 OPS: dict[str, Op] = {op.kind: op for op in [
-    Op("input", "own", None, QuantizeInput, "QUANTIZE"),
-    Op("conv", "own", _conv, IntConv2d, "CONV_2D / DEPTHWISE_CONV_2D (+ PAD)", fuses_act=True),
-    Op("linear", "own", _linear, IntLinear, "FULLY_CONNECTED", fuses_act=True),
-    Op("add", "own", lambda g, cfg: QAdd(cfg, g.attrs.get("act")), IntAdd, "ADD", fuses_act=True),
-    Op("maxpool", "input", _maxpool, IntMaxPool2d, "MAX_POOL_2D"),
-    Op("avgpool", "input", _avgpool, IntAvgPool2d, "AVERAGE_POOL_2D"),
-    Op("act", "input", lambda g, cfg: QAct(g.attrs["lo"], g.attrs["hi"]), IntClamp, "MAXIMUM / MINIMUM"),
-    Op("flatten", "input", None, IntFlatten, "RESHAPE"),
-    Op("cat", "shared", lambda g, cfg: QCat(), IntCat, "CONCATENATION"),
+    Op("input", "own", None, QuantizeInput),                                      # QUANTIZE
+    Op("conv", "own", _conv, IntConv2d, fuses_act=True),                          # CONV_2D / DEPTHWISE_CONV_2D (+ PAD)
+    Op("linear", "own", _linear, IntLinear, fuses_act=True),                      # FULLY_CONNECTED
+    Op("add", "own", lambda g, cfg: QAdd(cfg, g.attrs.get("act")), IntAdd, fuses_act=True),  # ADD
+    Op("maxpool", "input", _maxpool, IntMaxPool2d),                               # MAX_POOL_2D
+    Op("avgpool", "input", _avgpool, IntAvgPool2d),                               # AVERAGE_POOL_2D
+    Op("act", "input", lambda g, cfg: QAct(g.attrs["lo"], g.attrs["hi"]), IntClamp),  # MAXIMUM / MINIMUM
+    Op("flatten", "input", None, IntFlatten),                                     # RESHAPE
+    Op("cat", "shared", lambda g, cfg: QCat(), IntCat),                           # CONCATENATION
 ]}
