@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(clipped for least squared error) (default: %(default)s)")
     p.add_argument("--calib-batches", type=int, default=32, help="training batches for calibration (default: %(default)s)")
     p.add_argument("--calib-batch-size", type=int, default=256, help="images per calibration batch (default: %(default)s)")
-    p.add_argument("--rounding", default="ref", help="integer requantization: ref, builtin or xnnpack (default: %(default)s)")
+    p.add_argument("--rounding", default="ref", help="integer requantization: ref, builtin, xnnpack (LiteRT kernel sets) or tflm (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration batch order (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
     p.add_argument("--data-root", default=None, help="data directory (default: $QDNN_DATA_ROOT, else datasets/)")

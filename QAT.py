@@ -96,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "ste's ranges and lsq's step sizes: minmax (max |w|) or mse (clipped for least squared error) "
                    f"(default: QAT_RECIPES, else {COMMON['weight_range']})")
     p.add_argument("--calib-batches", type=int, help=f"training batches for calibration (default: {COMMON['calib_batches']})")
-    p.add_argument("--rounding", default="ref", help="integer requantization: ref, builtin or xnnpack (default: %(default)s)")
+    p.add_argument("--rounding", default="ref", help="integer requantization: ref, builtin, xnnpack (LiteRT kernel sets) or tflm (default: %(default)s)")
     p.add_argument("--per-tensor", action="store_true", help="one scale per conv weight tensor (default: per channel)")
     p.add_argument("--from-scratch", action="store_true", help="start from random weights instead of the float checkpoint "
                    "(epochs and lr default to train.py's recipe)")

@@ -1,9 +1,11 @@
-"""Export an integer model as a real int8 .tflite file (no TensorFlow) and verify it against LiteRT.
+"""Export an integer model as a real int8 .tflite file (no TensorFlow) and verify it against LiteRT and
+TensorFlow Lite Micro.
 
     python export.py --dataset fashion_mnist --model cnn --bits 8 --verify
     python export.py --dataset cifar10 --model cnn_bn --bits 4 --verify --json
     python export.py --from results/ckpt/qat_fashion_mnist_cnn_w4a4-per_channel_ste.int.pt
     python export.py --dataset cifar10 --model cnn --float          # the float32 file, for comparisons
+    python export.py --dataset fashion_mnist --model cnn --c-array  # also model.c / model.h for a TFLM app
 
 Source of the integer model: --from CHECKPOINT (an integer checkpoint saved by PTQ.py or QAT.py);
 by default the PTQ checkpoint results/ckpt/ptq_<dataset>_<model>_w<B>a<B>-per_channel_mse.pt, and
@@ -16,11 +18,20 @@ The file (quant/export_tflite.py): float32 NHWC input, QUANTIZE, CONV_2D / MAX_P
 FULLY_CONNECTED with fused RELU, int8 logits; for b < 8 bits the b-bit activation clamps are explicit
 MAXIMUM / MINIMUM ops. It is written to --out (default: beside the checkpoint, *.tflite).
 
+Memory (printed for every file): flash = the file's bytes; arena = the smallest tensor arena in which
+TensorFlow Lite Micro allocates the file and runs it (measured by bisection over real allocations;
+needs the tflite-micro package, else reported as absent).
+
 --verify runs the whole test set through the integer engine with each rounding (ref, builtin,
-xnnpack) and through LiteRT with the matching kernel set (BUILTIN_REF, BUILTIN_WITHOUT_DEFAULT_DELEGATES,
-default = XNNPACK) and prints the share of int8 logits that are equal per mode, and the accuracies.
-With --json the last line is one JSON object: {"match": {"ref": .., "builtin": .., "xnnpack": ..},
-"tflite_acc": (LiteRT default), "int_acc": (engine, rounding xnnpack), ...}.
+xnnpack, tflm) and through the matching runtime (LiteRT's BUILTIN_REF, BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+default = XNNPACK; the tflite-micro interpreter, skipped with a message where it is not installed) and
+prints the share of int8 logits that are equal per mode, and the accuracies.
+With --json the last line is one JSON object: {"match": {"ref": .., "builtin": .., "xnnpack": ..,
+"tflm": ..}, "tflite_acc": (LiteRT default), "int_acc": (engine, rounding xnnpack), "arena_bytes": ..}.
+
+--int8-input prints the map from a raw uint8 pixel p of channel c to the file's int8 input (the data
+set's normalisation and the input quantization folded into one affine map):
+q = clamp(round_half_away(p * a[c] + b[c]), qmin, qmax), a[c] = 1 / (255 std[c] s), b[c] = zp - mean[c] / (std[c] s).
 """
 from __future__ import annotations
 
@@ -32,10 +43,11 @@ from pathlib import Path
 import torch
 
 import quant
-from data import Loader, synthetic_split
+from data import STATS, Loader, synthetic_split
 from models import build_model
 from PTQ import load_float_model, make_data
-from quant.export_tflite import MODES, TFLiteRunner, export_tflite, litert
+from quant.export_tflite import MODES, TFLiteRunner, export_tflite, litert, make_runner
+from quant.tflm import pixel_map, tflm_arena_bytes, tflm_available, write_c_array
 from utils.cli import CLIError, check_names, format_match, one_line_errors, set_seed
 from utils.io import append_csv_row, versions
 
@@ -57,7 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                         "instead (BatchNorm folded)")
     p.add_argument("--out", default=None, help="the .tflite file (default: the checkpoint path with .tflite; "
                                                "--float: results/ckpt/<dataset>_<model>_float32.tflite)")
-    p.add_argument("--verify", action="store_true", help="compare with LiteRT over the whole test set")
+    p.add_argument("--verify", action="store_true", help="compare with LiteRT and TFLM over the whole test set")
+    p.add_argument("--c-array", action="store_true", help="also write the file as a C source and header "
+                                                          "(<out>.c, <out>.h) for a TFLM application")
     p.add_argument("--threads", type=int, default=1, help="LiteRT threads for --verify (default: %(default)s)")
     p.add_argument("--calib-batches", type=int, default=32, help="on-the-fly PTQ: training batches for "
                                                                  "calibration (default: %(default)s)")
@@ -137,13 +151,14 @@ def out_path(args: argparse.Namespace, source: Path) -> Path:
     return source.with_name(stem + ("_int8in" if args.int8_input else "") + ".tflite")
 
 
-def verify_int(imodel: quant.IntModel, data: bytes, test: Loader, int8_input: bool,
-               threads: int) -> dict[str, dict[str, float]]:
-    """Per mode: % of int8 logits equal between the engine (matching rounding) and LiteRT, and both accuracies."""
+def verify_int(imodel: quant.IntModel, data: bytes, test: Loader, int8_input: bool, threads: int,
+               modes: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """Per mode: % of int8 logits equal between the engine (matching rounding) and the runtime (LiteRT's
+    kernel set or TFLM), and both accuracies."""
     res: dict[str, dict[str, float]] = {"match": {}, "tflite_acc": {}, "int_acc": {}, "delegated": {}}
-    for mode in MODES:
+    for mode in modes:
         imodel.rounding = mode
-        runner = TFLiteRunner(data, mode, num_threads=threads)
+        runner = make_runner(data, mode, num_threads=threads)
         equal = total = t_ok = i_ok = n = 0
         for x, y in test:
             ours = imodel.forward_int(x)
@@ -196,14 +211,33 @@ def main() -> int:
     row = {"dataset": args.dataset, "model": args.model, "bits": 32 if args.float else args.bits,
            "clamp": args.clamp, "source": str(source), "obtained": how, "tflite": str(path), "bytes": len(data)}
     print(f"wrote {path} ({len(data):,} bytes) from {source} ({how})")
+    if args.c_array:
+        src, hdr = write_c_array(data, path.with_suffix(""))
+        print(f"wrote {src} and {hdr} (the file as a 16-byte aligned C array)")
+    micro = tflm_available()
+    row["arena_bytes"] = tflm_arena_bytes(data) if micro else ""
+    print(f"memory: flash {len(data):,} bytes (the file), TFLM arena " +
+          (f"{row['arena_bytes']:,} bytes (measured)" if micro else "not measured: pip install tflite-micro"))
+    if not args.float:
+        qout = model.layers[-1]
+        print(f"int8 logits: real = {float(qout.scale):.9g} * (q - ({int(qout.zero_point)}))")
+    if args.int8_input:
+        qin = model.layers[0]
+        a, b = pixel_map(*STATS[args.dataset], float(qin.scale), int(qin.zero_point))
+        print(f"uint8 pixel p of channel c -> int8 input: clamp(round_half_away(p * a[c] + b[c]), {qin.qmin}, "
+              f"{qin.qmax}), a = {[float(v) for v in a]}, b = {[float(v) for v in b]}")
+        row.update({"pixel_a": json.dumps([float(v) for v in a]), "pixel_b": json.dumps([float(v) for v in b])})
+    modes = (*MODES, "tflm") if micro and not args.float else tuple(MODES)
+    if args.verify and not micro:
+        print("TFLM column skipped: the tflite-micro interpreter is not installed (pip install tflite-micro)")
     if args.verify:
         res = verify_float(model, data, test, args.threads) if args.float else \
-            verify_int(model, data, test, args.int8_input, args.threads)
+            verify_int(model, data, test, args.int8_input, args.threads, modes)
         key = "max_abs_diff" if args.float else "match"
         ref = "float_acc" if args.float else "int_acc"
-        print(f"{'LiteRT mode':<12} {key:>12} {'tflite acc':>11} {ref.replace('_', ' '):>10}  ({test.source}, "
+        print(f"{'runtime':<12} {key:>12} {'tflite acc':>11} {ref.replace('_', ' '):>10}  ({test.source}, "
               f"{len(test.y)} images)")
-        for mode in MODES:
+        for mode in (MODES if args.float else modes):
             fig = f"{res[key][mode]:.3g}" if args.float else format_match(res[key][mode])
             print(f"{mode:<12} {fig:>12} {res['tflite_acc'][mode]:>10.2f}% {res[ref][mode]:>9.2f}%")
         row.update({key: res[key], "tflite_acc": res["tflite_acc"]["xnnpack"], ref: res[ref]["xnnpack"],
@@ -216,7 +250,7 @@ def main() -> int:
         flat = {k: v for k, v in row.items() if not isinstance(v, dict)}
         for k, v in row.items():
             if isinstance(v, dict):
-                flat.update({f"{k.removesuffix('_by_mode')}_{mode}": v[mode] for mode in MODES})
+                flat.update({f"{k.removesuffix('_by_mode')}_{mode}": v[mode] for mode in v})
         append_csv_row(args.results or "results/export_verify.csv",
                        {**flat, "int8_input": args.int8_input, "threads": args.threads, **versions()})
     if args.json:

@@ -55,7 +55,9 @@ def make_trainee(method: str, name: str, dataset: str, recipe: dict, bits: int, 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=list(MODELS), nargs="*", default=list(MODELS))
-    p.add_argument("--model", choices=["cnn", "cnn_bn"], nargs="*", default=["cnn", "cnn_bn"])
+    p.add_argument("--model", choices=sorted({m for ms in MODELS.values() for m in ms}), nargs="*",
+                   default=["cnn", "cnn_bn"], help="models (default: cnn cnn_bn; each where its data set has it, "
+                   "e.g. --dataset cifar10 --model resnet8 for the zoo)")
     p.add_argument("--methods", choices=["float", "kd", "ste", "lsq"], nargs="*", default=["float", "kd"],
                    help="float training, float training with the recipe's distillation teacher, and/or QAT with "
                         "the ste or lsq quantizer (default: float kd)")
@@ -70,7 +72,7 @@ def main() -> None:
     for dataset in args.dataset:
         train, _ = get_loaders(dataset, RECIPES[dataset]["batch_size"], root=args.data_root, device=device)
         n = len(train) * train.batch_size
-        for name in args.model:
+        for name in (m for m in args.model if m in MODELS[dataset]):
             recipe = model_recipe(dataset, name)
             methods = [m for m in args.methods if m != "kd" or recipe["kd_weight"] > 0]
             trainees = {m: make_trainee(m, name, dataset, recipe, args.bits, train, device, args.repeats)

@@ -90,7 +90,9 @@ def measure(fns: dict[str, tuple[Callable, Callable]], images: torch.Tensor, lat
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=list(MODELS), nargs="*", default=list(MODELS))
-    p.add_argument("--model", choices=["cnn", "cnn_bn"], nargs="*", default=["cnn", "cnn_bn"])
+    p.add_argument("--model", choices=sorted({m for ms in MODELS.values() for m in ms}), nargs="*",
+                   default=["cnn", "cnn_bn"], help="models (default: cnn cnn_bn; each where its data set has it, "
+                   "e.g. --dataset cifar10 --model resnet8 for the zoo)")
     p.add_argument("--bits", type=int, default=8, help="bits of the integer model (default: %(default)s)")
     p.add_argument("--threads", type=int, nargs="*", default=[1, 2], help="thread counts (default: 1 2)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (default: %(default)s)")
@@ -108,7 +110,7 @@ def main() -> None:
         test = load_split(dataset, "test", args.data_root)
         n = max(args.latency_images, 256 * args.throughput_batches)
         images = next(iter(Loader(test.images[:n], test.labels[:n], dataset, n)))[0]
-        for name in args.model:
+        for name in (m for m in args.model if m in MODELS[dataset]):
             eargs = export.parse_args(["--dataset", dataset, "--model", name, "--bits", str(args.bits)]
                                       + (["--data-root", args.data_root] if args.data_root else []))
             imodel, source, how = export.load_source(eargs, None)

@@ -37,7 +37,7 @@ def main() -> None:
     p.add_argument("--dataset", default="fashion_mnist")
     p.add_argument("--model", nargs="*", default=["cnn", "cnn_bn"])
     p.add_argument("--bits", type=int, default=8)
-    p.add_argument("--rounding", default="ref", help="ref, builtin or xnnpack (default: %(default)s)")
+    p.add_argument("--rounding", default="ref", help="ref, builtin, xnnpack or tflm (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--data-root", default=None)
     p.add_argument("--out", default="results/int_engine_speed.csv")

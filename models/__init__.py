@@ -7,10 +7,13 @@ import torch.nn as nn
 
 from models.cifar10 import cifar10_cnn, cifar10_cnn_bn
 from models.fashion_mnist import fashion_mnist_cnn, fashion_mnist_cnn_bn
+from models.mobilenetv2 import mobilenetv2
+from models.resnet import resnet8, resnet20
 
 MODELS: dict[str, dict[str, Callable[[], nn.Module]]] = {
     "fashion_mnist": {"cnn": fashion_mnist_cnn, "cnn_bn": fashion_mnist_cnn_bn},
-    "cifar10": {"cnn": cifar10_cnn, "cnn_bn": cifar10_cnn_bn},
+    "cifar10": {"cnn": cifar10_cnn, "cnn_bn": cifar10_cnn_bn,
+                "resnet8": resnet8, "resnet20": resnet20, "mobilenetv2": mobilenetv2},
 }
 
 

@@ -12,7 +12,8 @@ from quant.checkpoint import load_integer, load_quantized, save_integer, save_qu
 from quant.config import QATConfig, QuantConfig
 from quant.errors import QuantError
 from quant.evaluate import compare
-from quant.export_tflite import TFLiteRunner, export_tflite
+from quant.export_tflite import RUNTIMES, TFLiteRunner, export_tflite, make_runner
+from quant.tflm import TFLMRunner, tflm_arena_bytes, write_c_array
 from quant.fixed_point import multiply_by_quantized_multiplier, quantize_multiplier
 from quant.fold import fold_bn
 from quant.graph import model_graph
@@ -31,5 +32,5 @@ __all__ = [
     "quantize_multiplier", "multiply_by_quantized_multiplier",
     "prepare_qat", "set_bn_frozen", "set_bn_momentum", "set_fold_grad_scale", "set_act_observers",
     "frozen_act_observers", "clamp_lsq_",
-    "export_tflite", "TFLiteRunner",
+    "export_tflite", "TFLiteRunner", "TFLMRunner", "RUNTIMES", "make_runner", "tflm_arena_bytes", "write_c_array",
 ]

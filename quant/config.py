@@ -6,7 +6,7 @@ from typing import Any
 
 from quant.errors import QuantError
 
-ROUNDINGS = ("ref", "builtin", "xnnpack")
+ROUNDINGS = ("ref", "builtin", "xnnpack", "tflm")
 QAT_QUANTIZERS = ("ste", "lsq")
 
 
@@ -27,7 +27,8 @@ class QuantConfig:
         running = m * running + (1 - m) * batch_value (the first batch initialises).
     calib_batches: how many training batches PTQ calibration sees.
     rounding: requantization of the integer engine: 'ref' (LiteRT reference kernels),
-        'builtin' (LiteRT optimized/ruy kernels), 'xnnpack' (LiteRT default delegate).
+        'builtin' (LiteRT optimized/ruy kernels), 'xnnpack' (LiteRT default delegate),
+        'tflm' (TensorFlow Lite Micro's reference kernels).
     """
 
     weight_bits: int = 8

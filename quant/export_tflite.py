@@ -9,7 +9,8 @@ run with ``ai-edge-litert`` (the LiteRT interpreter). Both are optional imports:
 a one-line ``QuantError`` with the pip command.
 
 The int8 file (``IntModel``) computes exactly what the integer engine computes, bit for bit, in each
-LiteRT kernel set with its matching ``IntModel.rounding`` (``MODES``). The emitter walks the engine's
+LiteRT kernel set with its matching ``IntModel.rounding`` (``MODES``) and in TensorFlow Lite Micro
+(rounding 'tflm', ``quant.tflm``); ``make_runner`` opens either. The emitter walks the engine's
 graph, one op per integer layer:
 
     float32 input (N, H, W, C) -> QUANTIZE -> graph of
@@ -59,10 +60,13 @@ from quant.ops import OPS as OP_RULES
 from quant.kernels import (Dequantize, IntAdd, IntAvgPool2d, IntCat, IntClamp, IntConv2d, IntFlatten, IntLinear,
                            IntMaxPool2d, IntReLU, QuantizeInput, act_range)
 from quant.qparams import QParams
+from quant.tflm import TFLMRunner
 from utils.io import atomic_write_bytes
 
 #: interpreter mode (the name of the matching ``IntModel.rounding``) -> LiteRT ``OpResolverType`` member
 MODES = {"ref": "BUILTIN_REF", "builtin": "BUILTIN_WITHOUT_DEFAULT_DELEGATES", "xnnpack": "AUTO"}
+#: every runtime the engine matches bit for bit: LiteRT's three kernel sets and TensorFlow Lite Micro
+RUNTIMES = (*MODES, "tflm")
 
 #: builtin operator -> (code in the schema, version written for int8, version for float32)
 OPS = {
@@ -740,3 +744,10 @@ class TFLiteRunner:
         ops = self.interp._get_ops_details()  # noqa: SLF001 (the public API has no node query)
         return any(op["op_name"] == "DELEGATE" and self.inp["index"] in op["inputs"]
                    and list(op["outputs"]) == [self.out["index"]] for op in ops)
+
+
+def make_runner(model: bytes | str | Path, mode: str, num_threads: int = 1) -> TFLiteRunner | TFLMRunner:
+    """The interpreter of one runtime (``RUNTIMES``) for a file: LiteRT in kernel set ``mode``, or TFLM."""
+    if mode == "tflm":
+        return TFLMRunner(model)
+    return TFLiteRunner(model, mode, num_threads)

@@ -63,7 +63,7 @@ class IntModel(nn.Module):
     """Integer-only model: ``forward(x)`` float logits, ``forward_int(x)`` the b-bit integer logits.
 
     x is the normalised float input, quantized once by the first layer (round half away from zero).
-    ``rounding`` ('ref' | 'builtin' | 'xnnpack') selects the requantization of every layer.
+    ``rounding`` ('ref' | 'builtin' | 'xnnpack' | 'tflm') selects the requantization of every layer.
     """
 
     def __init__(self, layers: list[nn.Module], rounding: str = "ref", meta: dict[str, Any] | None = None,

@@ -16,7 +16,8 @@ direct im2col + GEMM, no Winograd/FFT). The int32 range of acc is checked, never
 
 Requantization (``rounding``; see ``quant.fixed_point``): 'ref' (LiteRT reference kernels: conv
 SRDHM + RoundingDivideByPOT, fully connected single rounding), 'builtin' (ruy: ties toward +inf),
-'xnnpack' (float32 scale, round half to even). Multipliers: conv
+'xnnpack' (float32 scale, round half to even), 'tflm' (TensorFlow Lite Micro: as 'ref', but fully
+connected rounds as conv does). Multipliers: conv
 M = double(s_in) * double(s_w[c]) / double(s_out) (TFLite ``PopulateConvolutionQuantizationParams``),
 per-tensor fully connected the same (LiteRT's ``GetQuantizedConvolutionMultipler`` multiplies the
 scales in double; a float32 product gave a Fashion-MNIST cnn_bn logit one step off the reference
@@ -93,13 +94,30 @@ def act_range(out_qp: QParams, act: tuple[float, float] | None, clamp: str) -> t
     return lo, hi
 
 
+def _wrap16(x: torch.Tensor) -> torch.Tensor:
+    return ((x + (1 << 15)) & 0xFFFF) - (1 << 15)
+
+
+def _nhwc_select(head: torch.Tensor, tail: torch.Tensor, n: int) -> torch.Tensor:
+    """``head`` for the first n elements of the tensor in NHWC order (flattened over the batch), ``tail``
+    for the rest: where an optimized LiteRT kernel's vector loop ends and its scalar loop takes over."""
+    def nhwc(t: torch.Tensor) -> torch.Tensor:
+        return (t.permute(0, *range(2, t.dim()), 1) if t.dim() > 2 else t).contiguous()
+    out = nhwc(tail)
+    out.view(-1)[:n] = nhwc(head).view(-1)[:n]
+    return out.permute(0, -1, *range(1, out.dim() - 1)) if out.dim() > 2 else out
+
+
 @_register
 class QuantizeInput(IntLayer):
     """q = clamp(round_half_away(x / scale) + zero_point, qmin, qmax), float32 division, int32 out
-    (TFLite QUANTIZE, reference kernel). With rounding 'xnnpack' or 'builtin':
+    (TFLite QUANTIZE, reference kernel; TFLM's is the same). With rounding 'xnnpack':
     clamp(round_half_even(x * float32(1 / scale)) + zp), as XNNPACK's f32->qs8 convert (its params hold
-    the reciprocal of the scale) and LiteRT's optimized QUANTIZE (measured: -3.0908973 / 0.0349253937
-    = -88.5 exactly gives -88 there, -89 in the reference kernel)."""
+    the reciprocal of the scale). With 'builtin', LiteRT's optimized QUANTIZE: that for the elements
+    its 8-wide vector loop takes, and the reference rounding for the last (numel % 8) elements of the
+    whole NHWC batch tensor, which its scalar loop finishes (measured: -3.0908973 / 0.0349253937 = -88.5
+    exactly gives -88 in the vector loop, -89 in the scalar tail and the reference kernel). The tail
+    depends on the batch: the engine equals the runtime when both are given the same batch."""
 
     attrs = ("zero_point", "qmin", "qmax")
 
@@ -113,11 +131,14 @@ class QuantizeInput(IntLayer):
         return QParams(self.scale, torch.tensor(self.zero_point, dtype=torch.int32), self.qmin, self.qmax)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.rounding in ("xnnpack", "builtin"):  # x * f32(1 / scale), round half to even
-            y = (x.float() * torch.reciprocal(self.scale)).clamp(self.qmin - self.zero_point,
-                                                                 self.qmax - self.zero_point)
-            return torch.round(y).to(torch.int32) + self.zero_point
-        return quantize(x, self.qparams())
+        if self.rounding not in ("xnnpack", "builtin"):
+            return quantize(x, self.qparams())
+        y = (x.float() * torch.reciprocal(self.scale)).clamp(self.qmin - self.zero_point,
+                                                             self.qmax - self.zero_point)
+        q = torch.round(y).to(torch.int32) + self.zero_point  # x * f32(1 / scale), round half to even
+        if self.rounding == "builtin" and x.numel() % 8:  # the optimized kernel's scalar loop: the reference
+            q = _nhwc_select(q, quantize(x, self.qparams()), x.numel() - x.numel() % 8)
+        return q
 
 
 @_register
@@ -361,8 +382,13 @@ def xnnpack_add_params(s1: float, s2: float, s_out: float, z1: int, z2: int) -> 
 class IntAdd(IntLayer):
     """TFLite int8 ADD of two tensors with their own scales, fused activation as a clamp.
 
-    ref / builtin (add.cc, integer_ops/add.h): x_i = (q_i - zp_i) << 20; y_i = MBQM(x_i, M_i, shift_i);
+    ref, tflm (reference integer_ops/add.h): x_i = (q_i - zp_i) << 20; y_i = MBQM(x_i, M_i, shift_i);
     out = MBQM(y_1 + y_2, M_out, shift_out) + zp_out, each MBQM = RoundingDivideByPOT(SRDHM(.)).
+    builtin (optimized integer_ops/add.h): its 16-wide vector loop folds each input's shift into the
+    left shift, y_i = SRDHM((q_i - zp_i) << (20 + shift_i), M_i) (one rounding where the reference
+    rounds twice), and narrows the output to int16 before adding zp_out; the last (numel % 16)
+    elements of the whole NHWC batch tensor take the reference formula in its scalar loop (measured:
+    29 of 196,608 ResNet-8 outputs differ between the two formulas).
     xnnpack: see ``xnnpack_add_params``."""
 
     attrs = ("z1", "z2", "out_zp", "act_min", "act_max", "act", "out_qmin", "out_qmax", "m1", "shift1", "m2", "shift2",
@@ -387,11 +413,27 @@ class IntAdd(IntLayer):
         a, b = a.to(torch.int64), b.to(torch.int64)
         if self.rounding == "xnnpack":
             y = (a * self.xa + b * self.xb + self.xbias) >> self.xshift
-        else:
-            y1 = multiply_by_quantized_multiplier((a - self.z1) << 20, self.m1, self.shift1, "gemmlowp")
-            y2 = multiply_by_quantized_multiplier((b - self.z2) << 20, self.m2, self.shift2, "gemmlowp")
-            y = multiply_by_quantized_multiplier(y1 + y2, self.mout, self.shiftout, "gemmlowp")
-        return (y + self.out_zp).clamp_(self.act_min, self.act_max).to(torch.int32)
+            return (y + self.out_zp).clamp_(self.act_min, self.act_max).to(torch.int32)
+        y1 = multiply_by_quantized_multiplier((a - self.z1) << 20, self.m1, self.shift1, "gemmlowp")
+        y2 = multiply_by_quantized_multiplier((b - self.z2) << 20, self.m2, self.shift2, "gemmlowp")
+        y = multiply_by_quantized_multiplier(y1 + y2, self.mout, self.shiftout, "gemmlowp")
+        out = (y + self.out_zp).clamp_(self.act_min, self.act_max)
+        vector = a.numel() - a.numel() % 16
+        if self.rounding == "builtin" and vector:
+            out = _nhwc_select(self._vector_loop(a, b), out, vector)
+        return out.to(torch.int32)
+
+    def _vector_loop(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """The optimized kernel's NEON loop (x86 builds run it through NEON_2_SSE)."""
+        def scaled(q: torch.Tensor, zp: int, m0: int, shift: int) -> torch.Tensor:
+            left = 20 + shift
+            x = (q - zp) << left if left >= 0 else (q - zp) >> -left
+            return (x * m0 + (1 << 30)) >> 31  # vqrdmulh: SRDHM, never saturating here
+        s = scaled(a, self.z1, self.m1, self.shift1) + scaled(b, self.z2, self.m2, self.shift2)
+        y = multiply_by_quantized_multiplier(s, self.mout, self.shiftout, "gemmlowp")
+        y16 = _wrap16(_wrap16(y) + self.out_zp)  # vmovn_s32, then an int16 add
+        return y16.clamp_(-128, 127).clamp_(self.act_min, self.act_max)  # vqmovn_s16, activation
+
 
 
 @_register

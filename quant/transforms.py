@@ -221,7 +221,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: int | None 
 def convert(qmodel: nn.Module, rounding: str | None = None, clamp: str = "bits") -> IntModel:
     """The integer-only model of a calibrated fake-quant model (see ``quant.integer``).
 
-    rounding: 'ref' | 'builtin' | 'xnnpack' (default: ``qmodel.quant_config.rounding``).
+    rounding: 'ref' | 'builtin' | 'xnnpack' | 'tflm' (default: ``qmodel.quant_config.rounding``).
     clamp: 'bits' clamps every activation to its b-bit range (the fake-quant semantics); 'int8'
     clamps to [-128, 127] as LiteRT does for b < 8 bits stored in int8 tensors (fused activations still
     clamp at their bounds).

@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.resnet import BasicBlock  # conv-BN-ReLU-conv-BN + shortcut (1x1 conv + BN projection), ReLU
+
 
 class SeedStyle(nn.Module):
     """The seed repository's style: layers in __init__, F.relu / F.max_pool2d / x.view in forward."""
@@ -50,23 +52,6 @@ class FeaturesClassifier(nn.Module):
     def forward(self, x):
         x = self.features(x)                         # (N, 16, 6, 6)
         return self.classifier(torch.flatten(x, 1))
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
 
 
 class TinyResNet(nn.Module):

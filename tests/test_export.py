@@ -12,7 +12,7 @@ import quant
 from data import DataError, Loader, load_split, synthetic_split
 from models import build_model
 from quant import QuantConfig, QuantError, TFLiteRunner, calibrate, convert, export_tflite, quantize
-from quant.export_tflite import MODES
+from quant.export_tflite import MODES, RUNTIMES, make_runner
 from tests.conftest import REPO, run_script
 from utils.io import load_checkpoint
 
@@ -56,14 +56,14 @@ def op_names(data: bytes) -> list[str]:
 @needs_litert
 @pytest.mark.parametrize("bits", [8, 6, 4], ids=lambda b: f"w{b}a{b}")
 @pytest.mark.parametrize("model", ["cnn", "cnn_bn"])
-def test_bit_exact_with_litert_every_mode(fmnist_data, model, bits):
+def test_bit_exact_with_every_runtime(fmnist_data, model, bits):
     calib, x = fmnist_data
     imodel = ptq(shipped_float(model), calib, bits)
     data = export_tflite(imodel, None, FMNIST)
     assert data[4:8] == b"TFL3"
-    for mode in MODES:
+    for mode in RUNTIMES:
         imodel.rounding = mode
-        runner = TFLiteRunner(data, mode)
+        runner = make_runner(data, mode)
         ours, theirs = imodel.forward_int(x), runner(x).to(torch.int32)
         assert torch.equal(ours, theirs), f"{mode}: {int((ours != theirs).sum())} of {ours.numel()} logits differ"
         if mode == "xnnpack" and bits == 8:
@@ -144,9 +144,9 @@ def test_stand_alone_relu_and_odd_padding_export_exactly():
     data = export_tflite(im, None, (1, 8, 8))
     assert {"PAD", "MAXIMUM"} <= set(op_names(data))
     x = torch.randn(64, 1, 8, 8)
-    for mode in MODES:
+    for mode in RUNTIMES:
         im.rounding = mode
-        assert torch.equal(TFLiteRunner(data, mode)(x).to(torch.int32), im.forward_int(x)), mode
+        assert torch.equal(make_runner(data, mode)(x).to(torch.int32), im.forward_int(x)), mode
 
 
 @needs_litert
@@ -154,9 +154,9 @@ def test_same_padding_is_exported_exactly():
     im = _tiny_int_model([nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 3)])
     x = torch.randn(16, 1, 8, 8) * 2
     data = export_tflite(im, None, (1, 8, 8))
-    for mode in MODES:
+    for mode in RUNTIMES:
         im.rounding = mode
-        assert torch.equal(im.forward_int(x), TFLiteRunner(data, mode)(x).to(torch.int32)), mode
+        assert torch.equal(im.forward_int(x), make_runner(data, mode)(x).to(torch.int32)), mode
 
 
 def test_bias_overflow_and_degenerate_scales_are_refused():
@@ -207,11 +207,24 @@ def test_cli_without_litert_prints_the_hint_on_one_line(tmp_path):
 def test_cli_dry_run_verify_json(tmp_path):
     out = tmp_path / "m.tflite"
     r = run_script("export.py", "--dataset", "fashion_mnist", "--model", "cnn_bn", "--bits", "4", "--dry-run",
-                   "--calib-batches", "2", "--verify", "--out", str(out), "--json")
+                   "--calib-batches", "2", "--verify", "--out", str(out), "--json", "--c-array")
     assert r.returncode == 0, r.stderr
     row = json.loads(r.stdout.strip().splitlines()[-1])
-    assert row["match"] == {"ref": 100.0, "builtin": 100.0, "xnnpack": 100.0}
+    assert row["match"] == {"ref": 100.0, "builtin": 100.0, "xnnpack": 100.0, "tflm": 100.0}
     assert row["tflite_acc"] == row["int_acc"] and out.read_bytes()[4:8] == b"TFL3"
+    assert row["arena_bytes"] > 1000 and f"TFLM arena {row['arena_bytes']:,} bytes" in r.stdout
+    assert (tmp_path / "m.c").exists() and "m_tflite_len" in (tmp_path / "m.h").read_text()
+
+
+@needs_litert
+def test_cli_without_tflm_skips_its_column(tmp_path):
+    block = ("import sys, runpy; sys.modules['tflite_micro'] = None; sys.argv = sys.argv[1:]; "
+             "runpy.run_path('export.py', run_name='__main__')")
+    r = run_script("-c", block, "export.py", "--dry-run", "--calib-batches", "1", "--verify",
+                   "--out", str(tmp_path / "m.tflite"), "--json")
+    assert r.returncode == 0, r.stderr
+    assert "TFLM column skipped" in r.stdout and "pip install tflite-micro" in r.stdout
+    assert set(json.loads(r.stdout.strip().splitlines()[-1])["match"]) == {"ref", "builtin", "xnnpack"}
 
 
 def test_cli_errors_are_one_line(tmp_path):

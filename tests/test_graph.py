@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import quant
 from quant import QuantConfig, QuantError
-from quant.export_tflite import MODES
+from quant.export_tflite import RUNTIMES, make_runner
 from tests.conftest import randomise_bn
 from tests.graph_models import GRAPH_MODELS
 
@@ -34,7 +34,7 @@ def calibrated(model: nn.Module, shape, bits: int, rounding: str = "ref", seed: 
 
 @pytest.mark.parametrize("bits", [8, 4], ids=lambda b: f"w{b}a{b}")
 @pytest.mark.parametrize("name", list(GRAPH_MODELS))
-@pytest.mark.parametrize("rounding", ["ref", "builtin", "xnnpack"])
+@pytest.mark.parametrize("rounding", ["ref", "builtin", "xnnpack", "tflm"])
 def test_fake_quant_equals_integer_engine(name, bits, rounding):
     model, shape = build(name)
     q, x = calibrated(model, shape, bits, rounding)
@@ -59,16 +59,17 @@ def test_sequential_subclass_follows_its_forward():
 
 
 @needs_litert
-@pytest.mark.parametrize("bits", [8, 4], ids=lambda b: f"w{b}a{b}")
+@pytest.mark.parametrize("bits", [8, 6, 4], ids=lambda b: f"w{b}a{b}")
 @pytest.mark.parametrize("name", list(GRAPH_MODELS))
-def test_litert_equals_engine_every_mode(name, bits):
+def test_runtimes_equal_engine_every_mode(name, bits):
+    """LiteRT in its three kernel sets and TFLM equal the engine with the matching rounding."""
     model, shape = build(name)
     q, x = calibrated(model, shape, bits)
     im = quant.convert(q)
     data = quant.export_tflite(im, None, shape)
-    for mode in MODES:
+    for mode in RUNTIMES:
         im.rounding = mode
-        runner = quant.TFLiteRunner(data, mode)
+        runner = make_runner(data, mode)
         assert torch.equal(runner(x).to(torch.int32), im.forward_int(x)), mode
         if mode == "xnnpack" and bits == 8 and "avgpool" not in name and name not in AVG_POOL_MODELS:
             assert runner.delegated(), "XNNPACK should run the whole 8-bit graph"

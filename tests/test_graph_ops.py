@@ -1,4 +1,4 @@
-"""Single-op files against LiteRT, exact in every kernel set: ADD (own scales, with and without ReLU,
+"""Single-op files against LiteRT and TFLM, exact in every kernel set: QUANTIZE (ties), ADD (own scales, with and without ReLU,
 ties), CONCATENATION, AVERAGE_POOL_2D (ties of the window sum, both signs), DEPTHWISE_CONV_2D (depth
 multiplier 1 and 2) and PAD."""
 import importlib.util
@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import quant
-from quant.export_tflite import MODES
+from quant.export_tflite import RUNTIMES, make_runner
 from quant.kernels import Dequantize, IntAdd, IntAvgPool2d, QuantizeInput
 from quant.qparams import QParams
 
@@ -30,13 +30,13 @@ def every_int8(shape=(4, 8, 8)) -> torch.Tensor:
 
 
 def assert_exact(im: quant.IntModel, shape, q_in: torch.Tensor) -> None:
-    """The int8-input file equals the engine on ``q_in`` in every kernel set."""
+    """The int8-input file equals the engine on ``q_in`` in every kernel set (LiteRT's three and TFLM)."""
     data = quant.export_tflite(im, None, shape, int8_input=True)
-    for mode in MODES:
+    for mode in RUNTIMES:
         im.rounding = mode
         ref = im.forward_int(im.layers[0].scale * (q_in - im.layers[0].zero_point).float())
         assert torch.equal(ref, _engine_from_int(im, q_in)), "the input round trip is exact"
-        out = quant.TFLiteRunner(data, mode)(q_in).to(torch.int32)
+        out = make_runner(data, mode)(q_in).to(torch.int32)
         if out.dim() == 4:
             out = out.permute(0, 3, 1, 2)
         assert torch.equal(out, ref), mode
@@ -129,3 +129,38 @@ def test_pad(stride, padding):
     data = quant.export_tflite(im, None, (4, 8, 8))
     assert "PAD" in {op["op_name"] for op in quant.TFLiteRunner(data, "ref").interp._get_ops_details()}
     assert_exact(im, (4, 8, 8), every_int8())
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 7), (3, 2, 2)], ids=["1x1x1", "3x5x7", "3x2x2"])
+def test_quantize_ties_in_every_runtime(shape):
+    """Float input that is an exact rounding tie everywhere: QUANTIZE alone. LiteRT's optimized kernel
+    rounds its 8-wide vector loop half to even and the numel % 8 tail half away from zero; XNNPACK half to
+    even; the reference kernel and TFLM half away. Batches of 1, 3 and 85 give every tail length."""
+    q = qp(1 / 128, -128)
+    im = quant.IntModel([QuantizeInput(q), Dequantize(q)])
+    data = quant.export_tflite(im, None, shape)
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 3, 85):
+        x = (torch.randint(-128, 127, (n, *shape), generator=g).float() + 0.5) / 128 + 1.0  # q - zp = k + 0.5
+        for mode in RUNTIMES:
+            im.rounding = mode
+            out = make_runner(data, mode)(x).to(torch.int32)
+            assert torch.equal(out.permute(0, 3, 1, 2), im.forward_int(x)), (mode, n)
+    im.rounding = "builtin"
+    x = torch.full((10, 1, 1, 1), 1.94140625)  # q - zp = 248.5: 248 in the vector loop, 249 in the tail
+    assert im.forward_int(x).flatten().tolist() == [120] * 8 + [121] * 2
+
+
+@pytest.mark.parametrize("op", ["conv", "conv-relu6", "maxpool", "fc"])
+def test_conv_maxpool_and_fully_connected_alone(op):
+    """The remaining ops one by one (the fully connected layer is where TFLM departs from LiteRT-ref)."""
+    shape = (4, 8, 8)
+    model = {"conv": nn.Sequential(nn.Conv2d(4, 6, 3)),
+             "conv-relu6": nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.ReLU6()),
+             "maxpool": nn.Sequential(nn.MaxPool2d(2)),
+             "fc": nn.Sequential(nn.Flatten(), nn.Linear(256, 16))}[op]
+    im = _from_model(model, shape)
+    kinds = {"conv": "CONV_2D", "conv-relu6": "CONV_2D", "maxpool": "MAX_POOL_2D", "fc": "FULLY_CONNECTED"}
+    data = quant.export_tflite(im, None, shape)
+    assert kinds[op] in {o["op_name"] for o in quant.TFLiteRunner(data, "ref").interp._get_ops_details()}
+    assert_exact(im, shape, every_int8(shape))

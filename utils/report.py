@@ -191,14 +191,21 @@ def render_export(results: Path) -> str:
     """export.py --verify rows (integer models, b-bit clamps): the latest per data set, model and bits."""
     latest = {(r["dataset"], r["model"], int(r["bits"])): r for r in read_rows(results / "export_verify.csv")
               if r.get("match_ref") and r.get("clamp", "bits") == "bits" and r.get("int8_input") == "False"}
-    lines = ["| data set | model | bits | images | int8 logits equal: BUILTIN_REF | BUILTIN (ruy) | XNNPACK "
-             "| LiteRT accuracy (XNNPACK) | engine accuracy (ref rounding) | .tflite bytes |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| data set | model | bits | images | int8 logits equal: BUILTIN_REF | BUILTIN (ruy) | XNNPACK | TFLM "
+             "| LiteRT accuracy (XNNPACK) | engine accuracy (ref rounding) | flash: .tflite bytes "
+             "| TFLM arena bytes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def opt(r: dict[str, str], key: str, fmt: Callable[[str], str]) -> str:
+        return fmt(r[key]) if r.get(key) else "—"
+
     for (ds, model, bits), r in sorted(latest.items(), key=lambda kv: (kv[0][0] != "fashion_mnist", kv[0][1], -kv[0][2])):
         lines.append(f"| {dataset_label(ds, r.get('data_source', ''))} | {model} | {bits} | {int(r['images']):,} "
                      f"| {format_match(float(r['match_ref']))} | {format_match(float(r['match_builtin']))} "
                      f"| {format_match(float(r['match_xnnpack']))} "
-                     f"| {float(r['tflite_acc']):.2f}% | {float(r['int_acc_ref']):.2f}% | {int(r['bytes']):,} |")
+                     f"| {opt(r, 'match_tflm', lambda v: format_match(float(v)))} "
+                     f"| {float(r['tflite_acc']):.2f}% | {float(r['int_acc_ref']):.2f}% | {int(r['bytes']):,} "
+                     f"| {opt(r, 'arena_bytes', lambda v: f'{int(v):,}')} |")
     return "\n".join(lines)
 
 
