@@ -215,9 +215,14 @@ def main() -> int:
         src, hdr = write_c_array(data, path.with_suffix(""))
         print(f"wrote {src} and {hdr} (the file as a 16-byte aligned C array)")
     micro = tflm_available()
-    row["arena_bytes"] = tflm_arena_bytes(data) if micro else ""
-    print(f"memory: flash {len(data):,} bytes (the file), TFLM arena " +
-          (f"{row['arena_bytes']:,} bytes (measured)" if micro else "not measured: pip install tflite-micro"))
+    row["arena_bytes"], arena = "", "not measured: pip install tflite-micro"
+    if micro:
+        try:
+            row["arena_bytes"] = tflm_arena_bytes(data)
+            arena = f"{row['arena_bytes']:,} bytes (measured)"
+        except quant.QuantError as e:
+            arena = f"not measured: {e}"
+    print(f"memory: flash {len(data):,} bytes (the file), TFLM arena {arena}")
     if not args.float:
         qout = model.layers[-1]
         print(f"int8 logits: real = {float(qout.scale):.9g} * (q - ({int(qout.zero_point)}))")
