@@ -214,13 +214,17 @@ INFERENCE_BACKENDS = (("pytorch_fp32", "PyTorch fp32"), ("int_engine", "integer 
 
 
 def render_inference(results: Path) -> str:
-    """bench/inference.py: the latest run, per model and thread count, latency at batch 1 and throughput
-    at batch 256 for each backend, the int8 speed-up over PyTorch and the int8 / float file size."""
+    """bench/inference.py: the latest run of each model, per thread count, latency at batch 1 and throughput
+    at batch 256 for each backend, the int8 speed-up over PyTorch and the int8 / float file size
+    (* where XNNPACK left part of the int8 graph to the builtin kernels)."""
     rows = read_rows(results / "inference_speed.csv")
     if not rows:
         return "(no rows yet: run python bench/inference.py)"
-    last = max(r["run_id"] for r in rows)
-    by = {(r["dataset"], r["model"], r["threads"], r["backend"]): r for r in rows if r["run_id"] == last}
+    last = {}
+    for r in rows:
+        last[(r["dataset"], r["model"])] = max(last.get((r["dataset"], r["model"]), ""), r["run_id"])
+    by = {(r["dataset"], r["model"], r["threads"], r["backend"]): r for r in rows
+          if r["run_id"] == last[(r["dataset"], r["model"])]}
     head = " | ".join(f"{label}: ms/img b1, img/s b256" for _, label in INFERENCE_BACKENDS)
     lines = [f"| data set | model | threads | {head} | LiteRT int8 vs PyTorch, b1 | int8 / fp32 .tflite bytes |",
              "|---|---|---|" + "---|" * len(INFERENCE_BACKENDS) + "---|---|"]
@@ -229,13 +233,16 @@ def render_inference(results: Path) -> str:
         cells = []
         for backend, _ in INFERENCE_BACKENDS:
             r = by.get((ds, model, threads, backend))
-            cells.append(f"{float(r['latency_ms_b1']):.3f}, {float(r['img_per_s_b256']):,.0f}" if r else "—")
+            star = "*" if r and r.get("xnnpack_partial") == "True" else ""
+            cells.append(f"{float(r['latency_ms_b1']):.3f}, {float(r['img_per_s_b256']):,.0f}{star}" if r else "—")
         int8 = by.get((ds, model, threads, "litert_int8"), {})
         lines.append(f"| {DATASET_LABEL[ds]} | {model} | {threads} | {' | '.join(cells)} "
                      f"| {float(int8.get('speedup_b1_vs_pytorch') or 'nan'):.1f}× "
                      f"| {float(int8.get('int8_over_float_bytes') or 'nan'):.3f} |")
-    lines.append(f"\nRun {last}, 1-minute load average at its start: {rows[-1].get('load_avg_1min', '?')} "
-                 f"on {rows[-1].get('cores', '?')} cores.")
+    for run in sorted(set(last.values())):
+        r = next(r for r in rows if r["run_id"] == run)
+        lines.append(f"\nRun {run}, 1-minute load average at its start: {r.get('load_avg_1min', '?')} "
+                     f"on {r.get('cores', '?')} cores.")
     return "\n".join(lines)
 
 
