@@ -57,8 +57,8 @@ from quant.fold import fold_bn
 from quant.graph import model_graph
 from quant.integer import IntModel
 from quant.ops import OPS as OP_RULES
-from quant.kernels import (Dequantize, IntAdd, IntAvgPool2d, IntCat, IntClamp, IntConv2d, IntFlatten, IntLinear,
-                           IntMaxPool2d, IntReLU, QuantizeInput, act_range)
+from quant.kernels import (Dequantize, IntAdd, IntAvgPool2d, IntConv2d, IntFlatten, IntLinear, IntReLU,
+                           QuantizeInput, act_range)
 from quant.qparams import QParams
 from quant.tflm import TFLMRunner
 from utils.io import atomic_write_bytes
