@@ -60,7 +60,7 @@ from quant.ops import OPS as OP_RULES
 from quant.kernels import (Dequantize, IntAdd, IntAvgPool2d, IntConv2d, IntFlatten, IntLinear, IntReLU,
                            QuantizeInput, act_range)
 from quant.qparams import QParams
-from quant.tflm import TFLMRunner
+from quant.tflm import NHWCRunner, TFLMRunner
 from utils.io import atomic_write_bytes
 
 #: interpreter mode (the name of the matching ``IntModel.rounding``) -> LiteRT ``OpResolverType`` member
@@ -700,7 +700,7 @@ def export_tflite(model: IntModel | nn.Module, path: str | Path | None, input_sh
 # ---------------------------------------------------------------------------------------------------
 # Running a file with LiteRT.
 
-class TFLiteRunner:
+class TFLiteRunner(NHWCRunner):
     """A LiteRT interpreter for one file and kernel set: ``runner(x)`` maps an (N, C, H, W) torch tensor
     (float32, or integer values for an int8-input file) to the output as a torch tensor.
 
@@ -731,13 +731,6 @@ class TFLiteRunner:
         self.interp.set_tensor(self.inp["index"], x)
         self.interp.invoke()
         return self.interp.get_tensor(self.out["index"])
-
-    def nhwc(self, x: torch.Tensor) -> np.ndarray:
-        """(N, C, H, W) torch tensor -> contiguous (N, H, W, C) numpy array of the input's dtype."""
-        return np.ascontiguousarray(x.permute(0, 2, 3, 1).cpu().numpy().astype(self.inp["dtype"]))
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.run_nhwc(self.nhwc(x)))
 
     def delegated(self) -> bool:
         """True when one delegate node (XNNPACK) runs the whole graph, from the input to the output."""

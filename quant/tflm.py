@@ -70,7 +70,24 @@ def _interpreter(data: bytes, arena: int):
     return _runtime().Interpreter.from_bytes(bytes(data), arena_size=int(arena))
 
 
-class TFLMRunner:
+class NHWCRunner:
+    """Shared by the LiteRT and TFLM runners: NCHW torch tensors in, the file's NHWC arrays inside.
+    Subclasses set ``inp`` (the input's details) and define ``run_nhwc``."""
+
+    inp: dict
+
+    def run_nhwc(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def nhwc(self, x: torch.Tensor) -> np.ndarray:
+        """(N, C, H, W) torch tensor -> contiguous (N, H, W, C) numpy array of the input's dtype."""
+        return np.ascontiguousarray(x.permute(0, 2, 3, 1).cpu().numpy().astype(self.inp["dtype"]))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.run_nhwc(self.nhwc(x)))
+
+
+class TFLMRunner(NHWCRunner):
     """The TFLM interpreter for one file: ``runner(x)`` maps an (N, C, H, W) torch tensor (float32, or
     integer values for an int8-input file) to the (N, ...) output as a torch tensor, one invoke per image."""
 
@@ -97,13 +114,6 @@ class TFLMRunner:
             self.interp.invoke()
             outs.append(np.array(self.interp.get_output(0), copy=True))
         return np.concatenate(outs)
-
-    def nhwc(self, x: torch.Tensor) -> np.ndarray:
-        """(N, C, H, W) torch tensor -> contiguous (N, H, W, C) numpy array of the input's dtype."""
-        return np.ascontiguousarray(x.permute(0, 2, 3, 1).cpu().numpy().astype(self.inp["dtype"]))
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.run_nhwc(self.nhwc(x)))
 
     def delegated(self) -> bool:
         """TFLM has no delegates (kept for the LiteRT runner's interface)."""
