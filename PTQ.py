@@ -24,6 +24,8 @@ import torch
 import quant
 from data import Loader, load_split, synthetic_split
 from models import build_model
+from quant.adaround import AdaRoundConfig
+from quant.config import LAYER_FIELDS
 from utils.cli import CLIError, check_names, one_line_errors, resolve_device, set_seed
 from utils.io import append_csv_row, load_checkpoint, versions
 
@@ -33,10 +35,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataset", default="fashion_mnist", help="fashion_mnist or cifar10 (default: %(default)s)")
     p.add_argument("--model", default="cnn", help="cnn or cnn_bn (default: %(default)s)")
     p.add_argument("--bits", type=int, default=8, help="bits of every weight and activation, 2..8 (default: %(default)s)")
+    p.add_argument("--weight-bits", type=int, help="bits of the weights (default: --bits)")
+    p.add_argument("--act-bits", type=int, help="bits of the input and every activation (default: --bits)")
     p.add_argument("--per-tensor", action="store_true", help="one scale per conv weight tensor (default: per channel)")
-    p.add_argument("--observer", default="mse", help="activation observer: mse (clipped for least squared error), minmax or ema (default: %(default)s)")
-    p.add_argument("--weight-range", default="minmax", help="weight range per channel: minmax (max |w|) or mse "
-                   "(clipped for least squared error) (default: %(default)s)")
+    p.add_argument("--observer", default="mse", help="activation calibrator: mse (clipped for least squared error), "
+                   "minmax, ema, percentile (--percentile) or entropy (least KL divergence) (default: %(default)s)")
+    p.add_argument("--weight-range", default="minmax", help="weight range per channel: minmax (max |w|), mse "
+                   "(clipped for least squared error) or percentile (of |w|) (default: %(default)s)")
+    p.add_argument("--percentile", type=float, default=99.99, help="percentile of the percentile calibrators "
+                   "(default: %(default)s)")
+    p.add_argument("--method", dest="methods", default="", help="comma list of PTQ methods: cle (cross-layer equalisation), "
+                   "adaround (learned rounding), bias_correction (default: none)")
+    p.add_argument("--adaround-iters", type=int, default=AdaRoundConfig.iterations,
+                   help="AdaRound iterations per layer (default: %(default)s)")
+    p.add_argument("--layer", action="append", metavar="PATTERN:SETTINGS",
+                   help="per-layer settings, repeatable, later ones win: PATTERN:field=value,... with fields "
+                   f"{', '.join(LAYER_FIELDS)} (or wBaB), PATTERN a module path, type name, op kind or 'input' "
+                   "(fnmatch); e.g. --layer fc:w8a8 --layer 'layer1.*:weight_bits=6'")
+    p.add_argument("--compare", action="store_true", help="run the calibrators and methods of quant.COMPARISON side by side "
+                   "at these bits, print the table and append the rows to results/ptq_methods.csv")
+    p.add_argument("--analyze", action="store_true", help="after quantizing: each layer's logit SQNR (alone, "
+                   "cumulative) and accuracy alone, then a greedy search over per-layer weight bits (--search-bits); "
+                   "rows to results/sensitivity.csv and results/mixed_precision.csv, plot results/sensitivity_*.png")
+    p.add_argument("--search-bits", default="8,6,4", help="weight bit widths the --analyze search may give a layer "
+                   "(default: %(default)s)")
+    p.add_argument("--first-last", type=int, metavar="B", help="the model input, the first layer's weights and the "
+                   "last layer's weights and output at B bits (the papers' convention)")
     p.add_argument("--calib-batches", type=int, default=32, help="training batches for calibration (default: %(default)s)")
     p.add_argument("--calib-batch-size", type=int, default=256, help="images per calibration batch (default: %(default)s)")
     p.add_argument("--rounding", default="ref", help="integer requantization: ref, builtin, xnnpack (LiteRT kernel sets) or tflm (default: %(default)s)")
@@ -50,6 +74,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                           "unless --out/--results are given")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
     return p.parse_args(argv)
+
+
+def quant_config(args: argparse.Namespace, model: torch.nn.Module) -> quant.QuantConfig:
+    """The QuantConfig of the command line (``model``: for --first-last)."""
+    layers: list = []
+    if args.first_last is not None:
+        layers += quant.first_last(model, args.first_last)
+    layers += [quant.parse_layer_settings(text) for text in (args.layer or [])]
+    return quant.QuantConfig(weight_bits=args.weight_bits or args.bits, act_bits=args.act_bits or args.bits,
+                             per_channel=not args.per_tensor, observer=args.observer, weight_range=args.weight_range,
+                             percentile=args.percentile, calib_batches=args.calib_batches, rounding=args.rounding,
+                             layers=tuple(layers))
+
+
+def method_suffix(cfg: quant.QuantConfig, methods: tuple[str, ...]) -> str:
+    """File-name suffix of the non-default choices: weight range, methods."""
+    return range_suffix(cfg) + "".join(f"-{m}" for m in methods)
 
 
 def range_suffix(cfg: quant.QuantConfig) -> str:
@@ -96,24 +137,29 @@ def print_table(row: dict) -> None:
 def main() -> int:
     args = parse_args()
     t0 = time.perf_counter()
-    cfg = quant.QuantConfig(weight_bits=args.bits, act_bits=args.bits, per_channel=not args.per_tensor,
-                            observer=args.observer, weight_range=args.weight_range, calib_batches=args.calib_batches,
-                            rounding=args.rounding)
     device = resolve_device(args.device)
     set_seed(args.seed)
     model, ckpt_path = load_float_model(args)
     model = model.to(device)
+    cfg = quant_config(args, model)
+    methods = quant.ptq_methods(args.methods)
     calib, test = make_data(args, device)
 
-    qmodel = quant.quantize(model, cfg)
-    quant.calibrate(qmodel, calib, num_batches=cfg.calib_batches, progress=True)
+    if args.compare:
+        return compare_methods(args, model, cfg, calib, test, ckpt_path, device)
+    if args.analyze:
+        return analyze(args, model, cfg, methods, calib, test, ckpt_path)
+    t1 = time.perf_counter()
+    qmodel = quant.ptq(model, cfg, calib, methods, AdaRoundConfig(iterations=args.adaround_iters), progress=True)
+    ptq_seconds = time.perf_counter() - t1
     imodel = quant.convert(qmodel)
     single = copy.deepcopy(qmodel)  # the usual fake quantization: round(y / s_out), one rounding per layer
     quant.set_requant(single, "float")
     res = quant.compare(test, {"float": model, "fq": qmodel, "int": imodel, "fq_float": single},
                         agree=("fq", "int"), progress=True)
 
-    row = {"dataset": args.dataset, "model": args.model, "bits": args.bits, **cfg.to_dict(), "tag": cfg.tag,
+    row = {"dataset": args.dataset, "model": args.model, "bits": args.bits, **cfg.to_row(), "tag": cfg.tag,
+           "methods": "+".join(methods), "ptq_seconds": round(ptq_seconds, 1),
            "calib_batch_size": args.calib_batch_size, "seed": args.seed,
            "float_acc": round(res["float_acc"], 2), "fq_acc": round(res["fq_acc"], 2),
            "int_acc": round(res["int_acc"], 2), "agreement": round(res["agreement"], 3),
@@ -122,8 +168,78 @@ def main() -> int:
            "seconds": round(time.perf_counter() - t0, 1), "data_source": test.source, "float_ckpt": ckpt_path,
            "device": str(device), **versions()}
     print_table(row)
-    default_out = f"results/ckpt/ptq_{args.dataset}_{args.model}_{cfg.tag}_{cfg.observer}{range_suffix(cfg)}.pt"
+    default_out = f"results/ckpt/ptq_{args.dataset}_{args.model}_{cfg.tag}_{cfg.observer}{method_suffix(cfg, methods)}.pt"
     write_outputs(args, imodel, row, "ptq", Path(args.out or default_out))
+    return 0
+
+
+def compare_methods(args: argparse.Namespace, model: torch.nn.Module, cfg: quant.QuantConfig, calib: Loader,
+                    test: Loader, ckpt_path: str, device: torch.device) -> int:
+    """PTQ.py --compare: each COMPARE entry from the same float model and calibration data; integer-engine
+    test accuracy and wall time of each, one table, one row each in results/ptq_methods.csv."""
+    import dataclasses
+    rows = []
+    float_acc = quant.compare(test, {"float": model})["float_acc"]
+    for name, fields, methods in quant.COMPARISON:
+        set_seed(args.seed)
+        c = dataclasses.replace(cfg, **fields)
+        t1 = time.perf_counter()
+        qmodel = quant.ptq(model, c, calib, methods, AdaRoundConfig(iterations=args.adaround_iters))
+        imodel = quant.convert(qmodel)
+        seconds = time.perf_counter() - t1
+        acc = quant.compare(test, {"int": imodel})["int_acc"]
+        row = {"dataset": args.dataset, "model": args.model, "name": name, **c.to_row(), "tag": c.tag,
+               "methods": "+".join(methods), "adaround_iters": args.adaround_iters, "calib_batch_size":
+               args.calib_batch_size, "seed": args.seed, "float_acc": round(float_acc, 2), "int_acc": round(acc, 2),
+               "seconds": round(seconds, 1), "data_source": test.source, "float_ckpt": ckpt_path,
+               "device": str(device), **versions()}
+        rows.append(row)
+        print(f"{name:<36} {acc:6.2f}%  ({acc - float_acc:+.2f})  {seconds:6.1f} s", flush=True)
+        if not args.dry_run or args.results:
+            append_csv_row(args.results or "results/ptq_methods.csv", row)
+    if args.json:
+        print(json.dumps(rows))
+    return 0
+
+
+def analyze(args: argparse.Namespace, model: torch.nn.Module, cfg: quant.QuantConfig, methods: tuple[str, ...],
+            calib: Loader, test: Loader, ckpt_path: str) -> int:
+    """PTQ.py --analyze: the sensitivity table and the greedy weight-bits search (quant.sensitivity)."""
+    import dataclasses
+    from quant.sensitivity import layer_settings
+    from utils.plots import plot_sensitivity
+    try:
+        widths = sorted({int(b) for b in args.search_bits.split(",")}, reverse=True)
+    except ValueError:
+        raise CLIError(f"--search-bits takes a comma list of bit widths, e.g. 8,6,4; got {args.search_bits!r}")
+    qmodel = quant.ptq(model, cfg, calib, methods, AdaRoundConfig(iterations=args.adaround_iters))
+    float_acc = quant.compare(test, {"float": model})["float_acc"]
+    rows = quant.layer_sensitivity(qmodel, calib, labelled=test)
+    print(f"\n{'layer':<24} {'weights':>8} {'w/a bits':>9} {'SQNR alone':>11} {'cumulative':>11} {'acc alone':>10}")
+    common = {"dataset": args.dataset, "model": args.model, **cfg.to_row(), "tag": cfg.tag, "methods": "+".join(methods),
+              "float_acc": round(float_acc, 2), "float_ckpt": ckpt_path, "data_source": test.source, **versions()}
+    for r in rows:
+        print(f"{r['layer']:<24} {r['weights']:>8,} {r['weight_bits']:>4}/{r['act_bits']:<4} {r['sqnr_alone_db']:>8.2f} dB "
+              f"{r['sqnr_cumulative_db']:>8.2f} dB {r['acc_alone']:>9.2f}%")
+    steps = quant.greedy_weight_bits(qmodel, calib, widths)
+    print(f"\ngreedy weight bits ({','.join(map(str, widths))}), activations at {cfg.act_bits} bits:")
+    for i, st in enumerate(steps):
+        c = dataclasses.replace(cfg, layers=cfg.layers + layer_settings(st["bits"]))
+        st["int_acc"] = round(quant.compare(test, {"int": quant.convert(quant.ptq(model, c, calib, methods,
+                              AdaRoundConfig(iterations=args.adaround_iters)))})["int_acc"], 2)
+        st["float_acc"] = round(float_acc, 2)
+        print(f"  step {i:>2}: {st['weight_bytes'] / 1024:8.2f} KiB  SQNR {st['sqnr_db']:6.2f} dB  "
+              f"{st['int_acc']:6.2f}%  " + " ".join(f"{p}:{b}" for p, b in st["bits"].items()), flush=True)
+    plot = Path(f"results/sensitivity_{args.dataset}_{args.model}_{cfg.tag}.png")
+    if not args.dry_run or args.results:
+        for r in rows:
+            append_csv_row("results/sensitivity.csv", {**common, **r})
+        for i, st in enumerate(steps):
+            append_csv_row("results/mixed_precision.csv", {**common, "step": i, "weight_bytes": st["weight_bytes"],
+                                                           "sqnr_db": st["sqnr_db"], "int_acc": st["int_acc"],
+                                                           "layer_bits": " ".join(f"{p}:w{b}" for p, b in st["bits"].items())})
+        plot_sensitivity(rows, steps, f"{args.dataset}/{args.model} {cfg.tag}", plot)
+        print(f"plot: {plot}")
     return 0
 
 

@@ -67,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataset", default="fashion_mnist", help="fashion_mnist or cifar10 (default: %(default)s)")
     p.add_argument("--model", default="cnn", help="cnn or cnn_bn (default: %(default)s)")
     p.add_argument("--bits", type=int, default=8, help="bits of every weight and activation, 2..8 (default: %(default)s)")
+    p.add_argument("--weight-bits", type=int, help="bits of the weights (default: --bits, which also picks the recipe)")
+    p.add_argument("--act-bits", type=int, help="bits of the input and every activation (default: --bits)")
     p.add_argument("--quantizer", choices=("ste", "lsq"), help="ste (EMA ranges + straight-through) or lsq "
                    "(learned step sizes) (default: QAT_RECIPES: ste at 7-8 bits, lsq at 2-6)")
     p.add_argument("--epochs", type=int, help="QAT epochs (default: QAT_RECIPES, 1 at 8 bits .. 6 at 2 bits)")
@@ -194,7 +196,8 @@ def main() -> int:
     args = parse_args()
     t0 = time.perf_counter()
     cfg = fill_recipe(args)
-    qcfg = quant.QuantConfig(weight_bits=args.bits, act_bits=args.bits, per_channel=not args.per_tensor,
+    qcfg = quant.QuantConfig(weight_bits=args.weight_bits or args.bits, act_bits=args.act_bits or args.bits,
+                             per_channel=not args.per_tensor,
                              observer=cfg["observer"], weight_range=cfg["weight_range"],
                              calib_batches=cfg["calib_batches"], rounding=args.rounding,
                              ema_momentum=cfg["ema_momentum"])
@@ -260,7 +263,7 @@ def main() -> int:
     qmodel.eval()
     imodel = quant.convert(qmodel)
     res = quant.compare(test, {"float": model.eval(), "fq": qmodel, "int": imodel}, agree=("fq", "int"), progress=True)
-    row = {"dataset": args.dataset, "model": args.model, "bits": args.bits, **qcfg.to_dict(), "tag": qcfg.tag,
+    row = {"dataset": args.dataset, "model": args.model, "bits": args.bits, **qcfg.to_row(), "tag": qcfg.tag,
            "calib_batch_size": cfg["batch_size"], "seed": args.seed, "method": "qat",
            **{k: cfg[k] for k in ("quantizer", "epochs", "lr", "weight_decay", "momentum", "batch_size",
                                   "freeze_bn", "freeze_observers", "from_scratch", "augment",

@@ -52,7 +52,9 @@ NOT_SETTINGS = ("device", "data_root", "ckpt", "out", "results", "json", "resume
 #: settings added to QAT.py after cells were cached, at the values that compute what the code did before
 #: they existed: left out of the hash at exactly these values, so those cells stay cached
 NEUTRAL_SETTINGS = {"kd_weight": 0.0, "kd_temp": 1.0, "teacher": "", "bn_momentum": None,
-                    "fold_grad_scale": False, "weight_range": "minmax"}
+                    "fold_grad_scale": False, "weight_range": "minmax", "weight_bits": None, "act_bits": None,
+                    "percentile": 99.99, "methods": "", "adaround_iters": 2000, "layer": None, "first_last": None,
+                    "compare": False}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -8,8 +8,9 @@ notes/graph-mode.md). ``float_model`` is any ``nn.Module`` torch.fx can trace (`
 
 QAT: after ``calibrate``, ``prepare_qat(qmodel, QATConfig(...))`` then train (see quant/qat.py, QAT.py).
 """
+from quant.adaround import AdaRoundConfig, adaround
 from quant.checkpoint import load_integer, load_quantized, save_integer, save_quantized
-from quant.config import QATConfig, QuantConfig
+from quant.config import QATConfig, QuantConfig, parse_layer_settings
 from quant.errors import QuantError
 from quant.evaluate import compare
 from quant.export_tflite import RUNTIMES, TFLiteRunner, export_tflite, make_runner
@@ -18,14 +19,18 @@ from quant.fixed_point import multiply_by_quantized_multiplier, quantize_multipl
 from quant.fold import fold_bn
 from quant.graph import model_graph
 from quant.integer import IntModel
+from quant.methods import bias_correction, equalization_pairs, equalize, weighted_layers
 from quant.modules import LSQQuantize
+from quant.ptq import COMPARISON, METHODS, first_last, ptq, ptq_methods
+from quant.sensitivity import greedy_weight_bits, layer_sensitivity
 from quant.qparams import QParams, choose_qparams, dequantize, fake_quantize, quantize as quantize_tensor
 from quant.qat import (clamp_lsq_, frozen_act_observers, prepare_qat, set_act_observers, set_bn_frozen,
                        set_bn_momentum, set_fold_grad_scale)
 from quant.transforms import calibrate, calibration_mode, convert, quantize, set_fake_quant, set_observers, set_requant
 
 __all__ = [
-    "QuantConfig", "QATConfig", "QuantError", "LSQQuantize", "QParams", "IntModel",
+    "QuantConfig", "QATConfig", "parse_layer_settings", "AdaRoundConfig", "adaround", "bias_correction", "equalize",
+    "equalization_pairs", "weighted_layers", "layer_sensitivity", "greedy_weight_bits", "ptq", "ptq_methods", "METHODS", "COMPARISON", "first_last", "QuantError", "LSQQuantize", "QParams", "IntModel",
     "quantize", "calibrate", "calibration_mode", "convert", "set_fake_quant", "set_observers", "set_requant", "compare",
     "save_quantized", "load_quantized", "save_integer", "load_integer",
     "choose_qparams", "quantize_tensor", "dequantize", "fake_quantize", "fold_bn", "model_graph",

@@ -62,6 +62,9 @@ class FakeQuantize(nn.Module):
         self.observer = observer
         self.dynamic = dynamic
         self.enabled = True
+        #: set by a PTQ method that chose the qparams and the values together (AdaRound): the observer
+        #: stays frozen, ``quant.set_observers`` (and so a later calibration) leaves it alone
+        self.fixed = False
 
     def _runtime_input(self, x: torch.Tensor) -> torch.Tensor | None:
         if self.training or self.requant not in ("xnnpack", "builtin") or not self.ready():
@@ -101,26 +104,28 @@ class FakeQuantize(nn.Module):
         return self.enabled and self.observer.frozen and self.observer.initialized
 
     def get_extra_state(self) -> Any:
-        return {"enabled": self.enabled}
+        return {"enabled": self.enabled, "fixed": self.fixed}
 
     def set_extra_state(self, state: Any) -> None:
         self.enabled = bool(state["enabled"])
+        self.fixed = bool(state.get("fixed", False))
 
     def extra_repr(self) -> str:
-        return f"enabled={self.enabled}, dynamic={self.dynamic}"
+        return f"enabled={self.enabled}, dynamic={self.dynamic}{', fixed' if self.fixed else ''}"
 
 
 def act_quantizer(cfg: QuantConfig) -> FakeQuantize:
     """Activation quantizer: asymmetric signed act_bits, observer ``cfg.observer``."""
     return FakeQuantize(build_observer(cfg.observer, cfg.act_bits, symmetric=False, narrow=False,
-                                       momentum=cfg.ema_momentum))
+                                       momentum=cfg.ema_momentum, percentile=cfg.percentile))
 
 
 def weight_quantizer(cfg: QuantConfig, per_channel: bool) -> FakeQuantize:
     """Weight quantizer: symmetric narrow weight_bits from the current weights (per channel on dim 0),
     range by ``cfg.weight_range`` (min/max, or clipped to the least squared error)."""
     return FakeQuantize(WEIGHT_RANGES[cfg.weight_range](cfg.weight_bits, symmetric=True, narrow=True,
-                                                        axis=0 if per_channel else None), dynamic=True)
+                                                        axis=0 if per_channel else None,
+                                                        percentile=cfg.percentile), dynamic=True)
 
 
 _TINY = torch.finfo(torch.float32).tiny

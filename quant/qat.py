@@ -95,6 +95,7 @@ def _prepare_ste(model: nn.Module, qcfg: QATConfig) -> None:
     ranges follow the current weights (dynamic min/max)."""
     for m in model.modules():
         if isinstance(m, _QWeighted):
+            m.weight_quant.fixed = False  # QAT moves the weights: their ranges follow them again
             m.weight_quant.observer.frozen = False
     for fq in act_quantizers(model):
         fq.qparams()  # an mse observer clips its range on first use

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fnmatch
 from typing import Any, Iterable, Iterator
 
 import torch
@@ -51,6 +52,26 @@ def _groups(nodes: list[GNode]) -> dict[str, str]:
             for i in g.inputs:
                 parent[find(i)] = find(g.name)
     return {name: find(name) for name in parent}
+
+
+def _layer_names(g: GNode) -> list[str]:
+    """What a per-layer pattern may match: 'input', or the node's path, name, float type name and kind."""
+    if g.kind == "input":
+        return ["input"]
+    return [n for n in (g.path, g.name, type(g.module).__name__ if g.module is not None else "", g.kind) if n]
+
+
+def layer_config(cfg: QuantConfig, g: GNode) -> QuantConfig:
+    """The settings of node ``g``: ``cfg.layers`` entries matching its path, name, float type or kind."""
+    return cfg.for_layer(_layer_names(g)) if cfg.layers else cfg
+
+
+def _check_layer_patterns(cfg: QuantConfig, nodes: list[GNode]) -> None:
+    for pattern, _ in cfg.layers:
+        if not any(fnmatch.fnmatchcase(n, pattern) for g in nodes for n in _layer_names(g)):
+            paths = ["input" if g.kind == "input" else g.path or g.name for g in nodes
+                     if g.kind not in ("output", "flatten")]
+            raise QuantError(f"per-layer pattern {pattern!r} matches no layer; the layers are: {', '.join(paths)}")
 
 
 def input_quantizer(cfg: QuantConfig) -> FakeQuantize:
@@ -94,6 +115,7 @@ def quantize(model: nn.Module, cfg: QuantConfig) -> fx.GraphModule:
             raise QuantError(f"layer {path!r} is already quantized; pass the float model to quantize")
     signature = float_signature(model)
     nodes = model_graph(copy.deepcopy(model))
+    _check_layer_patterns(cfg, nodes)
     group = _groups(nodes)
     users: dict[str, list[GNode]] = {}
     for g in nodes:
@@ -112,7 +134,7 @@ def quantize(model: nn.Module, cfg: QuantConfig) -> fx.GraphModule:
         args = tuple(env[i] for i in g.inputs)
         in_fqs = [fq_of[group[i]] for i in g.inputs]
         if g.kind == "input":
-            fq = owner(g, input_quantizer(cfg))
+            fq = owner(g, input_quantizer(layer_config(cfg, g)))
             env[g.name] = graph.call_module(_place(root, "input_quant", fq), (graph.placeholder(g.name),))
             continue
         if g.kind == "output":
@@ -123,7 +145,7 @@ def quantize(model: nn.Module, cfg: QuantConfig) -> fx.GraphModule:
             continue
         if g.kind not in OPS or OPS[g.kind].module is None:
             raise QuantError(f"internal: no fake-quant module for node kind {g.kind!r}")
-        m: QModule = OPS[g.kind].module(g, cfg)
+        m: QModule = OPS[g.kind].module(g, layer_config(cfg, g))
         if OPS[g.kind].qparams == "own":
             m.act_quant = owner(g, m.act_quant)
         if g.kind == "maxpool":
@@ -177,9 +199,10 @@ def set_requant(model: nn.Module, mode: str) -> None:
 
 
 def set_observers(model: nn.Module, enabled: bool) -> None:
-    """Let observers record (True) or freeze them so qparams stay fixed (False)."""
+    """Let observers record (True) or freeze them so qparams stay fixed (False). Quantizers whose qparams a
+    method fixed (``FakeQuantize.fixed``: AdaRound's weights) stay frozen."""
     for fq in quantizers(model):
-        fq.observer.frozen = not enabled
+        fq.observer.frozen = fq.fixed or not enabled
 
 
 @contextlib.contextmanager

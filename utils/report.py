@@ -108,7 +108,9 @@ def render_ptq(results: Path) -> str:
     per data set, model, bits and observer; the default observer (mse) in full, minmax beside it."""
     latest: dict[tuple[str, str, int, str], dict[str, str]] = {}
     for r in read_rows(results / "ptq.csv"):
-        if r["per_channel"] == "True" and r["rounding"] == "ref" and from_shipped(r):
+        plain = (not r.get("methods") and not r.get("layers") and r.get("act_bits", r["weight_bits"]) == r["weight_bits"]
+                 and r.get("percentile", "99.99") == "99.99")
+        if plain and r["per_channel"] == "True" and r["rounding"] == "ref" and from_shipped(r):
             latest[(r["dataset"], r["model"], int(r["bits"]), r["observer"])] = r
     lines = ["| data set | model | bits | float | fake-quant | integer engine | Δ vs float | fq/int argmax agreement "
              "| fake-quant with minmax ranges | fake-quant rounding once per layer |",
@@ -122,6 +124,27 @@ def render_ptq(results: Path) -> str:
         lines.append(f"| {dataset_label(ds, r.get('data_source', ''))} | {model} | {bits} | {float(r['float_acc']):.2f}% "
                      f"| {float(r['fq_acc']):.2f}% | {float(r['int_acc']):.2f}% | {delta:+.2f} "
                      f"| {float(r['agreement']):.2f}% | {mm_acc} | {float(r['fq_float_acc']):.2f}% |")
+    return "\n".join(lines)
+
+
+def render_ptq_methods(results: Path) -> str:
+    """PTQ.py --compare rows (results/ptq_methods.csv) from the shipped checkpoints: the latest per data set,
+    model, bit widths and method; integer-engine test accuracy and the method's wall time."""
+    from quant.ptq import COMPARISON
+    names = [name for name, _, _ in COMPARISON]
+    latest: dict[tuple[str, str, str], dict[str, dict[str, str]]] = {}
+    for r in read_rows(results / "ptq_methods.csv"):
+        if r["per_channel"] == "True" and r["rounding"] == "ref" and from_shipped(r) and not r.get("layers"):
+            latest.setdefault((r["dataset"], r["model"], f"W{r['weight_bits']}A{r['act_bits']}"), {})[r["name"]] = r
+    if not latest:
+        return "(no rows yet: run python PTQ.py --compare)"
+    lines = ["| data set | model | bits | float | " + " | ".join(names) + " |", "|---|---|---|---|" + "---|" * len(names)]
+    for (ds, model, wa), by in sorted(latest.items(), key=lambda kv: (kv[0][0] != "fashion_mnist", kv[0][1],
+                                                                      kv[0][2][1:] != kv[0][2][3:], kv[0][2])):
+        any_row = next(iter(by.values()))
+        cells = [f"{float(by[n]['int_acc']):.2f}% ({float(by[n]['seconds']):.0f} s)" if n in by else "—" for n in names]
+        lines.append(f"| {dataset_label(ds, any_row.get('data_source', ''))} | {model} | {wa} "
+                     f"| {float(any_row['float_acc']):.2f}% | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -247,7 +270,8 @@ def render_inference(results: Path) -> str:
 
 
 RENDERERS: dict[str, Callable[[Path], str]] = {"train": render_train, "epoch_time": render_epoch_time,
-                                               "ptq": render_ptq, "int_speed": render_int_speed,
+                                               "ptq": render_ptq, "ptq_methods": render_ptq_methods,
+                                               "int_speed": render_int_speed,
                                                "qat": render_qat, "qat_epoch_time": render_qat_epoch_time,
                                                "export": render_export, "inference": render_inference,
                                                "reproduce": render_reproduce}
