@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 
 import quant
-from data import Loader, load_split, synthetic_split
-from models import build_model
+from data import Loader
 from quant.adaround import AdaRoundConfig
 from quant.config import LAYER_FIELDS
-from utils.cli import CLIError, check_names, one_line_errors, resolve_device, set_seed
-from utils.io import append_csv_row, load_checkpoint, versions
+from utils.cli import CLIError, one_line_errors, resolve_device, set_seed
+from utils.io import append_csv_row, versions
+from utils.pipeline import load_float_model, make_data, print_table, range_suffix, write_outputs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -91,46 +91,6 @@ def quant_config(args: argparse.Namespace, model: torch.nn.Module) -> quant.Quan
 def method_suffix(cfg: quant.QuantConfig, methods: tuple[str, ...]) -> str:
     """File-name suffix of the non-default choices: weight range, methods."""
     return range_suffix(cfg) + "".join(f"-{m}" for m in methods)
-
-
-def range_suffix(cfg: quant.QuantConfig) -> str:
-    """File-name suffix of a non-default weight range ('' for min/max, '-wmse' for mse)."""
-    return "" if cfg.weight_range == "minmax" else f"-w{cfg.weight_range}"
-
-
-def load_float_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
-    """The float model with the shipped weights (or random ones with --dry-run) and its checkpoint path."""
-    check_names(args.dataset, args.model)
-    model = build_model(args.model, args.dataset)
-    if args.dry_run:
-        return model.eval(), "random-init"
-    path = Path(args.ckpt or f"ckpt/{args.dataset}_{args.model}.pt")
-    make = f"make it with: python train.py --dataset {args.dataset} --model {args.model}"
-    ckpt = load_checkpoint(path, make)
-    got = (ckpt.get("config", {}).get("dataset"), ckpt.get("config", {}).get("model"))
-    if got != (args.dataset, args.model):
-        raise CLIError(f"{path} holds {got[0]}/{got[1]}, not {args.dataset}/{args.model}; pass the right --ckpt or {make}")
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), str(path)
-
-
-def make_data(args: argparse.Namespace, device: torch.device) -> tuple[Loader, Loader]:
-    """(calibration loader: shuffled training images, no augmentation; test loader)."""
-    if args.dry_run:
-        train, test = synthetic_split(args.dataset, 512, seed=1), synthetic_split(args.dataset, 256, seed=2)
-    else:
-        train, test = load_split(args.dataset, "train", args.data_root), load_split(args.dataset, "test", args.data_root)
-    calib = Loader(train.images, train.labels, args.dataset, args.calib_batch_size, train=True, augment="",
-                   device=device, seed=args.seed, source=train.source)
-    return calib, Loader(test.images, test.labels, args.dataset, 1000, device=device, source=test.source)
-
-
-def print_table(row: dict) -> None:
-    print(f"\n{row['dataset']}/{row['model']}  {row['tag']}  observer {row['observer']}  "
-          f"calibration {row['calib_batches']}x{row['calib_batch_size']}  rounding {row['rounding']}")
-    print(f"{'float acc':>10} {'fake-quant':>11} {'integer':>9} {'agreement':>10} {'seconds':>8}")
-    print(f"{row['float_acc']:>9.2f}% {row['fq_acc']:>10.2f}% {row['int_acc']:>8.2f}% "
-          f"{row['agreement']:>9.2f}% {row['seconds']:>8.1f}")
 
 
 @one_line_errors
@@ -241,20 +201,6 @@ def analyze(args: argparse.Namespace, model: torch.nn.Module, cfg: quant.QuantCo
         plot_sensitivity(rows, steps, f"{args.dataset}/{args.model} {cfg.tag}", plot)
         print(f"plot: {plot}")
     return 0
-
-
-def write_outputs(args: argparse.Namespace, imodel: quant.IntModel, row: dict, method: str, int_path: Path) -> None:
-    """Save the integer model, append ``row`` to results/<method>.csv and print it as JSON, as asked.
-
-    A dry run writes only where --out / --results name a place."""
-    if not args.dry_run or args.out:
-        quant.save_integer(int_path, imodel, meta={"dataset": args.dataset, "model": args.model, "method": method,
-                                                   "metrics": {k: row[k] for k in ("float_acc", "fq_acc", "int_acc")}})
-        row["int_ckpt"] = str(int_path)
-    if not args.dry_run or args.results:
-        append_csv_row(args.results or f"results/{method}.csv", row)
-    if args.json:
-        print(json.dumps(row))
 
 
 if __name__ == "__main__":

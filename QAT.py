@@ -16,7 +16,7 @@ accuracy and the fq/int argmax agreement. Appends one row to results/qat.csv, sa
 checkpoint (every epoch, atomically: --resume continues it) and the integer model beside it.
 
 Defaults per bit width are in QAT_RECIPES (every value can be overridden on the command line);
-with --from-scratch the float training recipe (train.RECIPES: epochs, lr) is used instead.
+with --from-scratch the float training recipe (utils.recipes.RECIPES: epochs, lr) is used instead.
 """
 from __future__ import annotations
 
@@ -28,38 +28,12 @@ from pathlib import Path
 import torch
 
 import quant
-from PTQ import load_float_model, print_table, write_outputs
-from train import (RECIPES, check_distillation, check_matches, load_teacher, make_loaders, make_optimizer,
-                   model_recipe)
+from utils.pipeline import (FreezeSchedule, build_qat_model, check_distillation, check_matches, load_float_model,
+                            load_teacher, make_loaders, make_optimizer, print_table, write_outputs)
+from utils.recipes import COMMON, QAT_RECIPES, RECIPES, model_recipe
 from utils.cli import RESUME_HINT, CLIError, check_names, one_line_errors, resolve_device, set_seed
 from utils.io import load_checkpoint, save_checkpoint, versions
 from utils.training import evaluate, train_epoch
-
-# Fine-tuning defaults per bit width (SGD, Nesterov momentum 0.9, one-cycle LR with 20% warm-up),
-# measured on the four shipped checkpoints (results/qat.csv, results/results.csv): 8 bits only needs the
-# ranges to settle (PTQ is already within 0.2 points), one epoch at a small LR, and ste is cheaper; from
-# 6 bits down learned step sizes. At 6 bits (means of seeds 0-4, peak LR 2e-3) lsq and ste tie on average
-# over the four models (85.20 against 85.23), but only lsq keeps cnn_bn at least as good as cnn on both
-# data sets (Fashion-MNIST cnn / cnn_bn: lsq 91.55 / 91.80, ste 91.71 / 91.70); a peak LR of 2e-3 rather
-# than 5e-3 keeps the fine-tune from leaving a good PTQ start (CIFAR-10 cnn, ste, seed 4: PTQ 78.37% ->
-# 77.99% at 5e-3, 78.27% at 2e-3; results/qat_sweep.csv). At 4 bits and below learned step sizes win by
-# 0.2 to 2 points, and fewer bits need more epochs and a larger LR. 4 bits uses 3 bits' schedule
-# (4 epochs, 1e-2): against 3 epochs at 5e-3 it ties on the mean of the four models (84.21 against
-# 84.17, seeds 0-4) and steadies Fashion-MNIST cnn_bn (91.39 +- 0.08 against 91.24 +- 0.15; cnn 91.30
-# against 91.33), which puts it at or above cnn on both data sets. freeze_bn / freeze_observers:
-# fraction of --epochs after which BN statistics / activation ranges freeze, so the last part of
-# training runs the integer engine's graph.
-QAT_RECIPES = {
-    8: dict(quantizer="ste", epochs=1, lr=1e-3, weight_decay=1e-4, freeze_bn=0.5, freeze_observers=0.5),
-    7: dict(quantizer="ste", epochs=1, lr=1e-3, weight_decay=1e-4, freeze_bn=0.5, freeze_observers=0.5),
-    6: dict(quantizer="lsq", epochs=2, lr=2e-3, weight_decay=1e-4, freeze_bn=0.5, freeze_observers=0.5),
-    5: dict(quantizer="lsq", epochs=2, lr=5e-3, weight_decay=1e-4, freeze_bn=0.5, freeze_observers=0.5),
-    4: dict(quantizer="lsq", epochs=4, lr=1e-2, weight_decay=5e-5, freeze_bn=0.6, freeze_observers=0.6),
-    3: dict(quantizer="lsq", epochs=4, lr=1e-2, weight_decay=5e-5, freeze_bn=0.6, freeze_observers=0.6),
-    2: dict(quantizer="lsq", epochs=6, lr=1e-2, weight_decay=0.0, freeze_bn=0.0, freeze_observers=0.6),
-}
-COMMON = dict(optimizer="sgd", momentum=0.9, batch_size=128, observer="mse", weight_range="minmax", calib_batches=32,
-              ema_momentum=0.99, kd_weight=0.0, kd_temp=1.0, teacher="", bn_momentum=None, fold_grad_scale=False)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -80,8 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--freeze-observers", type=float, help="epoch after which activation ranges freeze "
                    "(default: QAT_RECIPES fraction of --epochs)")
     p.add_argument("--augment", help="training augmentation, as train.py's --augment (default: the data set's "
-                   "float recipe, train.RECIPES: none for fashion_mnist, crop4,flip for cifar10; with --from-scratch "
-                   "the model's own, train.model_recipe)")
+                   "float recipe, utils.recipes.RECIPES: none for fashion_mnist, crop4,flip for cifar10; with --from-scratch "
+                   "the model's own, utils.recipes.model_recipe)")
     p.add_argument("--kd-weight", type=float, help="weight, 0..1, of distilling the float model's logits into the "
                    "quantized one (train.py's --kd-weight; the float checkpoint is the teacher) "
                    f"(default: QAT_RECIPES, else {COMMON['kd_weight']})")
@@ -119,13 +93,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def fill_recipe(args: argparse.Namespace) -> dict:
-    """QAT_RECIPES[bits] (or train.RECIPES with --from-scratch) merged under the command line."""
+    """QAT_RECIPES[bits] (or utils.recipes.RECIPES with --from-scratch) merged under the command line."""
     if args.bits not in QAT_RECIPES:
         raise CLIError(f"--bits must be an integer in 2..8, got {args.bits}; pick a bit width from 2 to 8")
     check_names(args.dataset, args.model)
     train_recipe = model_recipe(args.dataset, args.model)
     # Fine-tuning uses the data set's augmentation, not a model's extra regularisation
-    # (train.MODEL_RECIPES): a few QAT epochs must fit the quantized weights, and extra augmentation
+    # (utils.recipes.MODEL_RECIPES): a few QAT epochs must fit the quantized weights, and extra augmentation
     # costs accuracy there (Fashion-MNIST cnn_bn, 4 bits lsq: 91.18% without flips, 90.84% with).
     cfg = dict(COMMON, **QAT_RECIPES[args.bits], label_smoothing=train_recipe["label_smoothing"],
                augment=RECIPES[args.dataset]["augment"])
@@ -151,34 +125,6 @@ def fill_recipe(args: argparse.Namespace) -> dict:
     cfg["freeze_observers"] = (args.freeze_observers if args.freeze_observers is not None
                                else cfg["freeze_observers"] * cfg["epochs"])
     return cfg
-
-
-class FreezeSchedule:
-    """Counts optimiser steps and freezes BN statistics / activation ranges at their step."""
-
-    def __init__(self, qmodel: torch.nn.Module, qat_cfg: quant.QATConfig, steps_per_epoch: int, step: int = 0):
-        self.qmodel, self.step = qmodel, step
-        self.bn_step = round(qat_cfg.freeze_bn * steps_per_epoch)
-        self.obs_step = round(qat_cfg.freeze_observers * steps_per_epoch)
-        self.apply()
-
-    def apply(self) -> None:
-        quant.set_bn_frozen(self.qmodel, self.step >= self.bn_step)
-        quant.set_act_observers(self.qmodel, self.step < self.obs_step)
-
-    def after_step(self) -> None:
-        quant.clamp_lsq_(self.qmodel)
-        self.step += 1
-        self.apply()
-
-
-def build_qat_model(float_model: torch.nn.Module, qcfg: quant.QuantConfig, qat_cfg: quant.QATConfig,
-                    calib_loader) -> torch.nn.Module:
-    """quantize -> calibrate (PTQ init, first training batches of epoch 0) -> prepare_qat."""
-    qmodel = quant.quantize(float_model, qcfg)
-    calib_loader.set_epoch(0)
-    quant.calibrate(qmodel, calib_loader, num_batches=qcfg.calib_batches, progress=True)
-    return quant.prepare_qat(qmodel, qat_cfg)
 
 
 @torch.no_grad()

@@ -45,7 +45,7 @@ import torch
 import quant
 from data import STATS, Loader, synthetic_split
 from models import build_model
-from PTQ import load_float_model, make_data
+from utils.pipeline import load_float_model, make_data
 from quant.export_tflite import MODES, TFLiteRunner, export_tflite, litert, make_runner
 from quant.tflm import pixel_map, tflm_arena_bytes, tflm_available, write_c_array
 from utils.cli import CLIError, check_names, format_match, one_line_errors, set_seed

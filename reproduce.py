@@ -27,6 +27,7 @@ import functools
 import hashlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -76,6 +77,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="rerun cells already in results.csv")
     p.add_argument("--stop-after", type=int, default=None, help="start at most this many cells, then stop as if "
                                                                 "interrupted (to test resuming)")
+    p.add_argument("--list", action="store_true", help="print one shell command per pending cell (for a job array or "
+                   "GNU parallel: each runs that cell alone with --cell and appends its row), then exit")
+    p.add_argument("--shard", metavar="I/N", help="run only the cells whose hash falls in shard I of N (I = 0..N-1): "
+                   "N machines sharing --out on one filesystem finish the grid together")
+    p.add_argument("--cell", action="append", metavar="HASH", help="run only the cell with this hash (repeatable; "
+                   "the hashes --list prints)")
     p.add_argument("--report-only", action="store_true", help="only rewrite RESULTS.md and the plot from results.csv")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda, passed to every script (default: %(default)s)")
     p.add_argument("--data-root", default=None, help="data directory (default: $QDNN_DATA_ROOT, else datasets/)")
@@ -320,6 +327,39 @@ def run_grid(runner: Runner, runs: list[Run], cached: dict[str, dict], bar: tqdm
     return done, seconds, failures
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """'1/4' -> (1, 4); I must be in 0..N-1."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise CLIError(f"--shard {text!r} is not I/N, e.g. 0/4") from None
+    if n < 1 or not 0 <= i < n:
+        raise CLIError(f"--shard {text!r}: need N >= 1 and 0 <= I < N")
+    return i, n
+
+
+def select(args: argparse.Namespace, runs: list[Run]) -> list[Run]:
+    """The runs --shard and --cell keep (a cell's shard: its hash as an integer, modulo N)."""
+    if args.shard:
+        i, n = parse_shard(args.shard)
+        runs = [r for r in runs if int(r.cell_hash, 16) % n == i]
+    if args.cell:
+        unknown = sorted(set(args.cell) - {r.cell_hash for r in runs})
+        if unknown:
+            raise CLIError(f"--cell {unknown[0]} is not a cell of this grid; list them with --list")
+        runs = [r for r in runs if r.cell_hash in args.cell]
+    return runs
+
+
+def cell_command(args: argparse.Namespace, out: Path, cell_hash: str) -> str:
+    """The shell command that runs one cell of this grid (what --list prints)."""
+    flags = ["--datasets", args.datasets, "--models", args.models, "--bits", args.bits, "--methods", args.methods,
+             "--seeds", str(args.seeds), "--device", args.device, "--jobs", "1", "--out", str(out)]
+    flags += (["--epochs", str(args.epochs)] if args.epochs else []) + (["--dry-run"] if args.dry_run else [])
+    flags += ["--data-root", args.data_root] if args.data_root else []
+    return " ".join(shlex.quote(f) for f in ["python", "reproduce.py", *flags, "--cell", cell_hash])
+
+
 def reproduce(args: argparse.Namespace, out: Path, scratch: Path) -> None:
     """Run the grid's missing cells into ``out``, then rewrite RESULTS.md and the plot from results.csv."""
     resolve_device(args.device)
@@ -327,8 +367,13 @@ def reproduce(args: argparse.Namespace, out: Path, scratch: Path) -> None:
     if args.retrain:
         retrain(args, cells, out)
     runner = Runner(args, out, scratch)
-    runs = [runner.plan(c, float_ckpt_id(c, args.dry_run)) for c in cells]
+    runs = select(args, [runner.plan(c, float_ckpt_id(c, args.dry_run)) for c in cells])
     cached = {} if args.force else {r["cell"]: r for r in read_results(out / "results.csv")}
+    if args.list:
+        for run in runs:
+            if run.cell_hash not in cached:
+                print(cell_command(args, out, run.cell_hash))
+        return
     t0 = time.perf_counter()
     with tqdm(total=len(runs), desc="reproduce", unit="run", position=0, dynamic_ncols=True) as bar:
         done, seconds, failures = run_grid(runner, runs, cached, bar)
@@ -348,6 +393,10 @@ def main() -> int:
     args = parse_args()
     if args.seeds < 1 or args.jobs < 1 or (args.epochs is not None and args.epochs < 1):
         raise CLIError("--seeds, --jobs and --epochs must be >= 1")
+    if args.list and args.retrain:
+        raise CLIError("--list prints the cells' commands; retrain first (python reproduce.py --retrain) or drop --retrain")
+    if args.list and args.dry_run and not args.out:
+        raise CLIError("--list --dry-run needs --out: the listed commands must write to one shared place")
     if args.retrain and args.dry_run:
         raise CLIError("--retrain trains on the real data but --dry-run runs on synthetic data; drop one of the two flags")
     if args.data_root:

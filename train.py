@@ -14,35 +14,12 @@ from pathlib import Path
 
 import torch
 
-from data import Loader, get_loaders, synthetic_split
 from models import build_model
 from utils.cli import RESUME_HINT, CLIError, check_names, one_line_errors, resolve_device, set_seed
 from utils.io import append_csv_row, load_checkpoint, save_checkpoint, versions
-from utils.training import Ensemble, evaluate, train_epoch
-
-# The default recipe per data set (every value can be overridden on the command line), and the
-# per-model changes to it. Fashion-MNIST: the models fit the training set (96-98%) long before the test
-# accuracy stops rising, so they train longer. cnn is distilled (weight 0.5, T 4) from FMNIST_TEACHER,
-# a copy of an earlier cnn_bn (this recipe with flips, without distillation), kept apart so that
-# retraining cnn_bn does not change cnn's recipe: 91.29% -> 91.62%. cnn_bn distilled from that file
-# alone (a "born-again" student, with flips) reached only 91.45%; from the ensemble of that file and a
-# copy of the distilled cnn (FMNIST_ENSEMBLE) it reaches 91.72% without augmentation (91.65% with flips,
-# which also quantized worse: 4-bit QAT 91.08% against 91.27%, means of seeds 0-2; 91.44% at weight 0.8)
-# (results/fmnist_recipe_sweep.csv, README).
-FMNIST_TEACHER = "ckpt/teachers/fashion_mnist_cnn_bn.pt"
-FMNIST_ENSEMBLE = FMNIST_TEACHER + ",ckpt/teachers/fashion_mnist_cnn.pt"
-RECIPES = {
-    "fashion_mnist": dict(optimizer="sgd", sam_rho=0.0, ema_decay=0.0, epochs=60, lr=0.05, batch_size=128,
-                          weight_decay=5e-4, momentum=0.9, label_smoothing=0.1, augment="",
-                          teacher=FMNIST_TEACHER, kd_weight=0.5, kd_temp=4.0),
-    "cifar10": dict(optimizer="sgd", sam_rho=0.0, ema_decay=0.0, epochs=40, lr=0.05, batch_size=128,
-                    weight_decay=5e-4, momentum=0.9, label_smoothing=0.0, augment="crop4,flip",
-                    teacher="", kd_weight=0.0, kd_temp=4.0),
-}
-# The CIFAR-10 zoo (resnet8, resnet20, mobilenetv2): peak learning rate 0.1, the usual one for ResNets on
-# CIFAR at batch 128; more epochs than the seed's nets, as far as the 2-core machines allow.
-MODEL_RECIPES = {("fashion_mnist", "cnn_bn"): dict(teacher=FMNIST_ENSEMBLE, kd_weight=0.5),
-                 ("cifar10", "resnet8"): dict(lr=0.1, epochs=50)}
+from utils.pipeline import check_distillation, check_matches, load_teacher, make_ema, make_loaders, make_optimizer
+from utils.recipes import model_recipe
+from utils.training import evaluate, train_epoch
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,11 +60,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def model_recipe(dataset: str, model: str) -> dict:
-    """The default float training recipe of one model: its data set's, with MODEL_RECIPES over it."""
-    return dict(RECIPES[dataset], **MODEL_RECIPES.get((dataset, model), {}))
-
-
 def fill_recipe(args: argparse.Namespace) -> dict:
     """Validate names and merge the command line over the data set's recipe."""
     check_names(args.dataset, args.model)
@@ -108,75 +80,6 @@ def fill_recipe(args: argparse.Namespace) -> dict:
     if cfg["epochs"] < 1 or cfg["lr"] <= 0 or cfg["batch_size"] < 1:
         raise CLIError("--epochs and --batch-size must be >= 1 and --lr > 0")
     return cfg
-
-
-def check_distillation(cfg: dict) -> None:
-    """The distillation weight and temperature of a train.py or QAT.py recipe are usable."""
-    if not 0 <= cfg["kd_weight"] <= 1 or cfg["kd_temp"] <= 0:
-        raise CLIError("--kd-weight must be in [0, 1] and --kd-temp > 0")
-
-
-def load_teacher(cfg: dict, device: torch.device) -> torch.nn.Module | None:
-    """The distillation teacher of ``cfg`` (mean of its checkpoints' logits), or None without distillation."""
-    if cfg["kd_weight"] <= 0:
-        return None
-    members = []
-    for path in cfg["teacher"].split(","):
-        ckpt = load_checkpoint(path.strip(), "train the teacher first, e.g. python train.py --dataset "
-                                             f"{cfg['dataset']} --model cnn_bn")
-        got = ckpt.get("config", {})
-        if got.get("dataset") != cfg["dataset"] or got.get("model") is None:
-            raise CLIError(f"teacher {path} holds {got.get('dataset')}/{got.get('model')}, not a {cfg['dataset']} model; "
-                           f"pass a {cfg['dataset']} checkpoint to --teacher")
-        member = build_model(got["model"], cfg["dataset"])
-        member.load_state_dict(ckpt["model"])
-        members.append(member)
-    return Ensemble(members).to(device).to(memory_format=torch.channels_last)
-
-
-def make_loaders(cfg: dict, args: argparse.Namespace, device: torch.device) -> tuple[Loader, Loader]:
-    if args.dry_run:
-        tr, te = synthetic_split(cfg["dataset"], 512, seed=1), synthetic_split(cfg["dataset"], 256, seed=2)
-        return (Loader(tr.images, tr.labels, cfg["dataset"], cfg["batch_size"], train=True,
-                       augment=cfg["augment"], device=device, seed=cfg["seed"], source=tr.source),
-                Loader(te.images, te.labels, cfg["dataset"], 256, device=device, source=te.source))
-    return get_loaders(cfg["dataset"], cfg["batch_size"], root=args.data_root, augment=cfg["augment"],
-                       device=device, seed=cfg["seed"])
-
-
-def make_optimizer(model: torch.nn.Module, cfg: dict, steps_per_epoch: int):
-    """SGD with Nesterov momentum, or AdamW (no weight decay on biases and BN), and a one-cycle schedule."""
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
-    if cfg.get("optimizer", "sgd") == "adamw":
-        opt = torch.optim.AdamW(groups, lr=cfg["lr"])
-    else:
-        opt = torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg["momentum"], nesterov=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, one_cycle(cfg["epochs"] * steps_per_epoch))
-    return opt, sched
-
-
-def make_ema(model: torch.nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
-    """Exponential moving average of the weights and BN statistics (None when decay is 0).
-
-    After each step: ema = decay * ema + (1 - decay) * weights. The averaged model is the one
-    evaluated and saved as ``model`` in the checkpoint (the raw weights go to ``raw_model``)."""
-    if decay <= 0:
-        return None
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
-
-
-def one_cycle(total_steps: int, warmup: float = 0.2):
-    """LR factor per step: linear warm-up from 0.1 to 1 over ``warmup`` of the steps, then linear decay to 0."""
-    up = max(1, int(warmup * total_steps))
-
-    def factor(step: int) -> float:
-        if step < up:
-            return 0.1 + 0.9 * step / up
-        return max(0.0, (total_steps - step) / max(1, total_steps - up))
-    return factor
 
 
 @one_line_errors(on_interrupt=RESUME_HINT)
@@ -250,14 +153,6 @@ def main() -> int:
     if args.json:
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
     return 0
-
-
-def check_matches(ckpt: dict, cfg: dict, path: Path) -> None:
-    """A checkpoint of another data set or model is a user error, not a state-dict traceback."""
-    got = (ckpt.get("config", {}).get("dataset"), ckpt.get("config", {}).get("model"))
-    if got != (cfg["dataset"], cfg["model"]):
-        raise CLIError(f"{path} holds {got[0]}/{got[1]}, not {cfg['dataset']}/{cfg['model']}; "
-                       f"pick the matching --dataset/--model or another --out")
 
 
 if __name__ == "__main__":

@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import quant  # noqa: E402
 from data import get_loaders  # noqa: E402
 from models import MODELS, build_model  # noqa: E402
-from QAT import FreezeSchedule, build_qat_model  # noqa: E402
-from train import RECIPES, load_teacher, make_optimizer, model_recipe  # noqa: E402
+from utils.pipeline import FreezeSchedule, build_qat_model, load_teacher, make_optimizer  # noqa: E402
+from utils.recipes import RECIPES, model_recipe  # noqa: E402
 from utils.cli import resolve_device, set_seed  # noqa: E402
 from utils.io import append_csv_row, versions  # noqa: E402
 from utils.training import train_epoch  # noqa: E402

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import export  # noqa: E402
 from data import Loader, load_split  # noqa: E402
 from models import MODELS  # noqa: E402
-from PTQ import load_float_model  # noqa: E402
+from utils.pipeline import load_float_model  # noqa: E402
 from quant.export_tflite import TFLiteRunner, export_tflite  # noqa: E402
 from utils.io import append_csv_row, versions  # noqa: E402
 

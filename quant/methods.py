@@ -34,7 +34,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from quant.errors import QuantError
-from quant.modules import FakeQuantize, QAvgPool2d, QConv2d, QConvBNReLU, QLinear, QMaxPool2d, _QWeighted, \
+from quant.modules import FakeQuantize, QAvgPool2d, QConv2d, QConvBNReLU, QMaxPool2d, _QWeighted, \
     flatten_images
 
 RELU = (0.0, math.inf)

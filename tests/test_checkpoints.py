@@ -32,9 +32,9 @@ def test_shipped_checkpoint_accuracy(dataset, model, required):
 def test_shipped_checkpoint_was_trained_with_the_default_recipe(dataset, model):
     """README's command (python train.py --dataset D --model M) is what made the shipped checkpoint, and a
     distillation teacher it names is committed (no data needed)."""
-    import train
+    from utils import recipes
     ckpt = torch.load(REPO / "ckpt" / f"{dataset}_{model}.pt", map_location="cpu", weights_only=False)
-    recipe = train.model_recipe(dataset, model)
+    recipe = recipes.model_recipe(dataset, model)
     cfg = ckpt["config"]
     assert cfg.get("kd_weight", 0.0) == recipe["kd_weight"] and ckpt["epoch"] == recipe["epochs"] == cfg["epochs"]
     assert all(cfg[k] == recipe[k] for k in ("lr", "batch_size", "weight_decay", "label_smoothing", "augment"))

@@ -269,17 +269,17 @@ def test_missing_checkpoint_names_the_train_command(tmp_path):
 
 def test_recipe_augmentation_fine_tuning_uses_the_data_sets_from_scratch_the_models(monkeypatch):
     import QAT
-    import train
+    from utils import recipes
 
     def cfg(*argv):
         return QAT.fill_recipe(QAT.parse_args(["--dataset", "fashion_mnist", "--model", "cnn_bn", "--bits", "4", *argv]))
 
     # a model recipe with its own augmentation (no shipped recipe has one now)
-    own = dict(train.MODEL_RECIPES.get(("fashion_mnist", "cnn_bn"), {}), augment="flip")
-    monkeypatch.setitem(train.MODEL_RECIPES, ("fashion_mnist", "cnn_bn"), own)
-    assert train.model_recipe("fashion_mnist", "cnn_bn")["augment"] != train.RECIPES["fashion_mnist"]["augment"]
-    assert cfg()["augment"] == train.RECIPES["fashion_mnist"]["augment"]
-    assert cfg("--from-scratch")["augment"] == train.model_recipe("fashion_mnist", "cnn_bn")["augment"]
+    own = dict(recipes.MODEL_RECIPES.get(("fashion_mnist", "cnn_bn"), {}), augment="flip")
+    monkeypatch.setitem(recipes.MODEL_RECIPES, ("fashion_mnist", "cnn_bn"), own)
+    assert recipes.model_recipe("fashion_mnist", "cnn_bn")["augment"] != recipes.RECIPES["fashion_mnist"]["augment"]
+    assert cfg()["augment"] == recipes.RECIPES["fashion_mnist"]["augment"]
+    assert cfg("--from-scratch")["augment"] == recipes.model_recipe("fashion_mnist", "cnn_bn")["augment"]
     assert cfg("--augment", "flip,erase20")["augment"] == "flip,erase20"
 
 
@@ -300,11 +300,12 @@ def test_bn_momentum_sets_the_running_statistics_update():
 
 def test_distillation_flags_recorded_and_checked(tmp_path):
     import QAT
+    from utils import recipes
 
     def cfg(*argv):
         return QAT.fill_recipe(QAT.parse_args(["--bits", "4", *argv]))
 
-    assert cfg()["kd_weight"] == QAT.COMMON["kd_weight"] and cfg()["bn_momentum"] is None
+    assert cfg()["kd_weight"] == recipes.COMMON["kd_weight"] and cfg()["bn_momentum"] is None
     c = cfg("--kd-weight", "0.5", "--kd-temp", "2", "--bn-momentum", "0.02")
     assert (c["kd_weight"], c["kd_temp"], c["bn_momentum"]) == (0.5, 2.0, 0.02)
     csv_path = tmp_path / "qat.csv"

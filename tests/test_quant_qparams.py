@@ -162,7 +162,7 @@ def test_observer_state_dict_roundtrip():
     ({"weight_bits": 9}, "weight_bits"), ({"act_bits": 1}, "act_bits"), ({"weight_bits": 4.0}, "weight_bits"),
     ({"observer": "percentile9"}, "observer"), ({"ema_momentum": 1.0}, "ema_momentum"),
     ({"calib_batches": 0}, "calib_batches"), ({"rounding": "tflite"}, "rounding"),
-    ({"per_channel": "yes"}, "per_channel"), ({"weight_range": "percentile"}, "weight_range"),
+    ({"per_channel": "yes"}, "per_channel"), ({"weight_range": "entropy"}, "weight_range"),
 ])
 def test_config_validation(kwargs, match):
     with pytest.raises(QuantError, match=match) as e:

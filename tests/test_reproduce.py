@@ -189,3 +189,29 @@ def test_report_tables_drop_rows_of_a_retrained_checkpoint():
     assert from_shipped(row)
     assert not from_shipped(dict(row, float_acc=f"{acc - 0.33:.2f}"))  # the checkpoint before a retraining
     assert not from_shipped(dict(row, float_ckpt="/tmp/other.pt"))
+
+
+def test_shards_and_listed_commands_cover_the_grid_once(tmp_path):
+    """Two --shard runs write every cell once and equal a single run; --list prints one command per
+    pending cell, and running one of them records exactly that cell."""
+    env = {"OMP_NUM_THREADS": "1"}
+    single, sharded, listed = tmp_path / "single", tmp_path / "sharded", tmp_path / "listed"
+    assert run_script(*GRID, "--out", str(single), env=env).returncode == 0
+    for i in range(2):
+        r = run_script(*GRID, "--out", str(sharded), "--shard", f"{i}/2", env=env)
+        assert r.returncode == 0, r.stderr
+    a, b = _csv(single / "results.csv"), _csv(sharded / "results.csv")
+    assert len(b) == len({x["cell"] for x in b}) == 4
+    key = lambda rows: sorted((x["cell"], x["int_acc"], x["fq_acc"]) for x in rows)  # noqa: E731
+    assert key(a) == key(b)
+    r = run_script(*GRID, "--out", str(listed), "--list", env=env)
+    assert r.returncode == 0, r.stderr
+    commands = [line for line in r.stdout.splitlines() if line.startswith("python reproduce.py")]
+    assert len(commands) == 4 and all("--cell" in c for c in commands)
+    hashes = {c.split("--cell ")[1].strip() for c in commands}
+    assert hashes == {x["cell"] for x in a}
+    one = commands[0].split()[1:]  # run one listed command as a job array task would
+    assert run_script(*one, env=env).returncode == 0
+    assert [x["cell"] for x in _csv(listed / "results.csv")] == [commands[0].split("--cell ")[1].strip()]
+    bad = run_script(*GRID, "--out", str(listed), "--shard", "2/2", env=env)
+    assert bad.returncode == 2 and "--shard" in bad.stderr

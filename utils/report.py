@@ -109,7 +109,7 @@ def render_ptq(results: Path) -> str:
     latest: dict[tuple[str, str, int, str], dict[str, str]] = {}
     for r in read_rows(results / "ptq.csv"):
         plain = (not r.get("methods") and not r.get("layers") and r.get("act_bits", r["weight_bits"]) == r["weight_bits"]
-                 and r.get("percentile", "99.99") == "99.99")
+                 and r.get("percentile") in (None, "", "99.99"))
         if plain and r["per_channel"] == "True" and r["rounding"] == "ref" and from_shipped(r):
             latest[(r["dataset"], r["model"], int(r["bits"]), r["observer"])] = r
     lines = ["| data set | model | bits | float | fake-quant | integer engine | Δ vs float | fq/int argmax agreement "
@@ -139,8 +139,10 @@ def render_ptq_methods(results: Path) -> str:
     if not latest:
         return "(no rows yet: run python PTQ.py --compare)"
     lines = ["| data set | model | bits | float | " + " | ".join(names) + " |", "|---|---|---|---|" + "---|" * len(names)]
+    order = ["W8A8", "W4A8", "W4A4", "W3A3"]
     for (ds, model, wa), by in sorted(latest.items(), key=lambda kv: (kv[0][0] != "fashion_mnist", kv[0][1],
-                                                                      kv[0][2][1:] != kv[0][2][3:], kv[0][2])):
+                                                                      order.index(kv[0][2]) if kv[0][2] in order
+                                                                      else len(order), kv[0][2])):
         any_row = next(iter(by.values()))
         cells = [f"{float(by[n]['int_acc']):.2f}% ({float(by[n]['seconds']):.0f} s)" if n in by else "—" for n in names]
         lines.append(f"| {dataset_label(ds, any_row.get('data_source', ''))} | {model} | {wa} "
@@ -171,7 +173,7 @@ def qat_bar(dataset: str, bits: int) -> float | None:
 def render_qat(results: Path) -> str:
     """QAT.py rows fine-tuned from the shipped checkpoints (per-channel, ref rounding): the latest per
     data set, model, bits and quantizer, with the bar of issue #4 where it sets one (for the default
-    quantizer of that bit width, QAT.QAT_RECIPES). Seed 0 only, the default command's: reproduce.py
+    quantizer of that bit width, utils.recipes.QAT_RECIPES). Seed 0 only, the default command's: reproduce.py
     --seeds N adds rows of other seeds, which RESULTS.md averages."""
     latest: dict[tuple[str, str, int, str], dict[str, str]] = {}
     for r in read_rows(results / "qat.csv"):
@@ -211,19 +213,22 @@ def render_qat_epoch_time(results: Path) -> str:
 
 
 def render_export(results: Path) -> str:
-    """export.py --verify rows (integer models, b-bit clamps): the latest per data set, model and bits."""
-    latest = {(r["dataset"], r["model"], int(r["bits"])): r for r in read_rows(results / "export_verify.csv")
+    """export.py --verify rows (integer models, b-bit clamps): the latest per data set, model, bits and
+    exported checkpoint (its file name says how it was quantized)."""
+    latest = {(r["dataset"], r["model"], int(r["bits"]), Path(r["source"]).name): r
+              for r in read_rows(results / "export_verify.csv")
               if r.get("match_ref") and r.get("clamp", "bits") == "bits" and r.get("int8_input") == "False"}
-    lines = ["| data set | model | bits | images | int8 logits equal: BUILTIN_REF | BUILTIN (ruy) | XNNPACK | TFLM "
+    lines = ["| data set | model | bits | exported checkpoint | images | int8 logits equal: BUILTIN_REF | BUILTIN (ruy) | XNNPACK | TFLM "
              "| LiteRT accuracy (XNNPACK) | engine accuracy (ref rounding) | flash: .tflite bytes "
              "| TFLM arena bytes |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def opt(r: dict[str, str], key: str, fmt: Callable[[str], str]) -> str:
         return fmt(r[key]) if r.get(key) else "—"
 
-    for (ds, model, bits), r in sorted(latest.items(), key=lambda kv: (kv[0][0] != "fashion_mnist", kv[0][1], -kv[0][2])):
-        lines.append(f"| {dataset_label(ds, r.get('data_source', ''))} | {model} | {bits} | {int(r['images']):,} "
+    for (ds, model, bits, name), r in sorted(latest.items(), key=lambda kv: (kv[0][0] != "fashion_mnist", kv[0][1],
+                                                                             -kv[0][2], len(kv[0][3]))):
+        lines.append(f"| {dataset_label(ds, r.get('data_source', ''))} | {model} | {bits} | `{name}` | {int(r['images']):,} "
                      f"| {format_match(float(r['match_ref']))} | {format_match(float(r['match_builtin']))} "
                      f"| {format_match(float(r['match_xnnpack']))} "
                      f"| {opt(r, 'match_tflm', lambda v: format_match(float(v)))} "

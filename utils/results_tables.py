@@ -105,9 +105,9 @@ def float_runs(runs: dict[Key, list[dict[str, str]]], dataset: str, model: str) 
 
 
 def default_quantizer(bits: int) -> str:
-    """QAT.py's default quantizer at ``bits`` now (QAT.QAT_RECIPES). A row's settings other than the
+    """QAT.py's default quantizer at ``bits`` now (utils.recipes.QAT_RECIPES). A row's settings other than the
     quantizer come from the same recipe, so the run of that quantizer is the default run."""
-    from QAT import QAT_RECIPES  # QAT.py imports torch and the data code: only when a table is made
+    from utils.recipes import QAT_RECIPES
     return QAT_RECIPES[bits]["quantizer"]
 
 
