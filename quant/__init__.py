@@ -7,6 +7,8 @@ notes/graph-mode.md). ``float_model`` is any ``nn.Module`` torch.fx can trace (`
     quant.compare(test_batches, {"float": float_model, "fq": qmodel, "int": imodel})
 
 QAT: after ``calibrate``, ``prepare_qat(qmodel, QATConfig(...))`` then train (see quant/qat.py, QAT.py).
+PTQ methods (cross-layer equalisation, AdaRound, bias correction) in one call: ``quant.ptq(model, cfg, batches,
+methods=(...))`` (quant/ptq.py; notes/methods.md); per-layer bits: ``QuantConfig(layers=...)``.
 """
 from quant.adaround import AdaRoundConfig, adaround
 from quant.checkpoint import load_integer, load_quantized, save_integer, save_quantized
