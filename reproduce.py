@@ -46,6 +46,10 @@ from utils.results_tables import METHODS, read_results, render_results_md, write
 
 DATASETS, MODELS, BITS = ("fashion_mnist", "cifar10"), ("cnn", "cnn_bn"), "4,6,8"
 QUICK = dict(datasets="fashion_mnist", models="cnn", bits="4,8", methods="ptq,qat", epochs=1, out="results/quick")
+#: --zoo: the CIFAR-10 zoo (models with a shipped checkpoint, unless --retrain or --models says otherwise)
+ZOO_MODELS = ("resnet8", "resnet20", "mobilenetv2")
+ZOO = dict(datasets="cifar10", models=",".join(ZOO_MODELS), bits="4,6,8", methods="ptq,qat", epochs=None,
+           out="results/zoo")
 FULL = dict(datasets=",".join(DATASETS), models=",".join(MODELS), bits=BITS, methods=",".join(METHODS), epochs=None,
             out="results")
 #: flags of PTQ.py / QAT.py that say where or how to run, not what is computed: left out of a cell's hash
@@ -70,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                               "width; --quick: 1)")
     p.add_argument("--seeds", type=int, default=1, help="repeat each QAT cell with seeds 0..N-1 (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="a small subset in a few minutes, into results/quick/")
+    p.add_argument("--zoo", action="store_true", help="the CIFAR-10 zoo (resnet8, resnet20, mobilenetv2 where ckpt/ has "
+                   "them), bits 4,6,8, PTQ and QAT with the default quantizer, into results/zoo/")
     p.add_argument("--retrain", action="store_true", help="train the float checkpoints with train.py first "
                                                           "(default: use the shipped ckpt/*.pt)")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
@@ -91,7 +97,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="synthetic data through the scripts' --dry-run (PTQ: random "
                    "weights; QAT: the shipped ones); writes nothing unless --out is given")
     args = p.parse_args(argv)
-    for key, value in (QUICK if args.quick else FULL).items():
+    if args.quick and args.zoo:
+        raise CLIError("--quick and --zoo are two different grids; pick one")
+    group = QUICK if args.quick else ZOO if args.zoo else FULL
+    if args.zoo and args.models is None and not args.retrain and not args.dry_run:
+        shipped = [m for m in ZOO_MODELS if (REPO_ROOT / f"ckpt/cifar10_{m}.pt").exists()]
+        for m in ZOO_MODELS:
+            if m not in shipped:
+                print(f"--zoo: {m} left out, no ckpt/cifar10_{m}.pt (train it with python train.py --dataset cifar10 "
+                      f"--model {m}, or pass --retrain)", file=sys.stderr)
+        group = dict(group, models=",".join(shipped))
+    for key, value in group.items():
         if getattr(args, key) is None and not (key == "out" and args.dry_run):
             setattr(args, key, value)
     return args
@@ -146,7 +162,7 @@ class Cell:
 def make_cells(args: argparse.Namespace) -> list[Cell]:
     """The grid in run order; 'qat' becomes QAT.py's default quantizer at each bit width."""
     datasets = split_names(args.datasets, "--datasets", DATASETS)
-    models = split_names(args.models, "--models", MODELS)
+    models = split_names(args.models, "--models", MODELS + ZOO_MODELS)
     methods = split_names(args.methods, "--methods", METHODS + ("qat",))
     for d in datasets:
         for m in models:

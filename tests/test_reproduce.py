@@ -215,3 +215,22 @@ def test_shards_and_listed_commands_cover_the_grid_once(tmp_path):
     assert [x["cell"] for x in _csv(listed / "results.csv")] == [commands[0].split("--cell ")[1].strip()]
     bad = run_script(*GRID, "--out", str(listed), "--shard", "2/2", env=env)
     assert bad.returncode == 2 and "--shard" in bad.stderr
+
+
+def test_zoo_grid_takes_the_shipped_zoo_models(tmp_path):
+    """--zoo: cifar10, bits 4/6/8, PTQ + default QAT, only the zoo models ckpt/ holds (the others named on stderr)."""
+    from utils.io import REPO_ROOT
+    shipped = [m for m in reproduce.ZOO_MODELS if (REPO_ROOT / f"ckpt/cifar10_{m}.pt").exists()]
+    r = run_script("reproduce.py", "--zoo", "--list", "--out", str(tmp_path / "zoo"), "--device", "cpu")
+    assert r.returncode == (0 if shipped else 2), r.stderr
+    commands = [line for line in r.stdout.splitlines() if line.startswith("python reproduce.py")]
+    assert len(commands) == 6 * len(shipped)
+    for m in set(reproduce.ZOO_MODELS) - set(shipped):
+        assert f"--zoo: {m} left out" in r.stderr
+    assert all("--datasets cifar10" in c and "--bits 4,6,8" in c for c in commands)
+    r = run_script("reproduce.py", "--zoo", "--dry-run", "--models", "resnet8", "--bits", "8", "--methods", "ptq",
+                   "--out", str(tmp_path / "dry"), env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    rows = _csv(tmp_path / "dry" / "results.csv")
+    assert [(x["dataset"], x["model"], x["bits"], x["method"]) for x in rows] == [("cifar10", "resnet8", "8", "ptq")]
+    assert (tmp_path / "dry" / "accuracy_vs_bits.png").exists()
