@@ -43,8 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bits", type=int, default=8, help="bits of every weight and activation, 2..8 (default: %(default)s)")
     p.add_argument("--weight-bits", type=int, help="bits of the weights (default: --bits, which also picks the recipe)")
     p.add_argument("--act-bits", type=int, help="bits of the input and every activation (default: --bits)")
-    p.add_argument("--quantizer", choices=("ste", "lsq"), help="ste (EMA ranges + straight-through) or lsq "
-                   "(learned step sizes) (default: QAT_RECIPES: ste at 7-8 bits, lsq at 2-6)")
+    p.add_argument("--quantizer", choices=("ste", "lsq", "lsq+"), help="ste (EMA ranges + straight-through), lsq "
+                   "(learned step sizes) or lsq+ (lsq with learned activation offsets) (default: QAT_RECIPES: ste at "
+                   "7-8 bits, lsq at 2-6)")
     p.add_argument("--epochs", type=int, help="QAT epochs (default: QAT_RECIPES, 1 at 8 bits .. 6 at 2 bits)")
     p.add_argument("--lr", type=float, help="peak learning rate of the one-cycle schedule (default: QAT_RECIPES, 1e-3 .. 1e-2)")
     p.add_argument("--weight-decay", type=float, help="SGD weight decay (default: QAT_RECIPES)")

@@ -11,7 +11,7 @@ from quant.errors import QuantError
 ROUNDINGS = ("ref", "builtin", "xnnpack", "tflm")
 #: the QuantConfig fields a per-layer setting (``QuantConfig.layers``) may override
 LAYER_FIELDS = ("weight_bits", "act_bits", "per_channel", "observer", "weight_range", "percentile")
-QAT_QUANTIZERS = ("ste", "lsq")
+QAT_QUANTIZERS = ("ste", "lsq", "lsq+")
 
 
 @dataclass
@@ -161,7 +161,8 @@ class QATConfig:
 
     quantizer: 'ste' -- moving-average (EMA) activation ranges and min/max weight ranges with the
         straight-through estimator (the seed's method); 'lsq' -- learned step sizes (Esser et al.
-        2019) initialised from the calibrated (PTQ) scales.
+        2019) initialised from the calibrated (PTQ) scales; 'lsq+' -- LSQ with the activations' offset
+        (zero point) learned too (Bhalgat et al. 2020), initialised from the calibrated one.
     freeze_bn: epoch (fractional allowed) after which BatchNorm statistics are frozen; from then on
         fused Conv+BN layers fold with the running statistics and train exactly the graph the integer
         engine runs. 0 freezes from the start.

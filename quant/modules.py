@@ -189,20 +189,32 @@ class LSQQuantize(FakeQuantize):
     #: would make the requantization multiplier or the int32 bias overflow
     floor_ratio = 1e-3
 
-    def __init__(self, observer: Observer, qp: QParams) -> None:
+    def __init__(self, observer: Observer, qp: QParams, learn_offset: bool = False) -> None:
         super().__init__(observer, dynamic=False)
         self.observer.frozen = True
         self.qmin, self.qmax, self.axis = qp.qmin, qp.qmax, qp.axis
         self.scale = nn.Parameter(qp.scale.detach().clone().float())
         self.register_buffer("zero_point", qp.zero_point.detach().clone().to(torch.int32))
         self.register_buffer("scale_floor", (qp.scale.detach().float() * self.floor_ratio).clamp(min=_TINY))
+        #: LSQ+ (Bhalgat et al. 2020): the offset beta = -scale * zero_point (the real value of q = 0) is
+        #: learned too, initialised from the calibrated zero point; the forward uses the integer zero point
+        #: round(-beta / s) clamped to [qmin, qmax] (the runtime's), beta gets LSQ+'s gradient (1 where x is
+        #: clipped, 0 inside the range) through a straight-through estimator
+        self.offset = nn.Parameter(-qp.scale.detach().float() * qp.zero_point.float()) if learn_offset else None
 
     @classmethod
-    def from_fake_quant(cls, fq: FakeQuantize) -> "LSQQuantize":
-        """Initialised from a calibrated quantizer's QParams (the PTQ scales)."""
-        lsq = cls(fq.observer, fq.qparams())
+    def from_fake_quant(cls, fq: FakeQuantize, learn_offset: bool = False) -> "LSQQuantize":
+        """Initialised from a calibrated quantizer's QParams (the PTQ scales); ``learn_offset``: LSQ+."""
+        lsq = cls(fq.observer, fq.qparams(), learn_offset=learn_offset)
         lsq.enabled, lsq.requant = fq.enabled, fq.requant
         return lsq
+
+    def _zero_point(self, s: torch.Tensor) -> torch.Tensor:
+        """The integer zero point: the calibrated one, or LSQ+'s round(-offset / s) within [qmin, qmax]."""
+        if self.offset is None:
+            return self.zero_point
+        with torch.no_grad():
+            return torch.clamp(round_half_away(-self.offset / s), self.qmin, self.qmax).to(torch.int32)
 
     def _scale(self) -> torch.Tensor:
         return torch.maximum(self.scale, self.scale_floor)
@@ -218,7 +230,8 @@ class LSQQuantize(FakeQuantize):
         y = self._runtime_input(x)
         if y is not None:
             return y
-        s, zp = self._scale(), self.zero_point.to(x.dtype)
+        s = self._scale()
+        zp = self._zero_point(s).to(x.dtype)
         if self.qmin == -self.qmax:  # weights (symmetric narrow): N = weights per scale, Qp = qmax
             n, levels = x.numel() // max(s.numel(), 1), self.qmax
         else:                        # activations: N = features per image, Qp = qmax - qmin
@@ -228,17 +241,25 @@ class LSQQuantize(FakeQuantize):
             shape = [1] * x.dim()
             shape[self.axis] = -1
             s, zp = s.reshape(shape), zp.reshape(shape)
-        return _LSQFunction.apply(x, s, self.qmin - zp, self.qmax - zp, g)
+        out = _LSQFunction.apply(x, s, self.qmin - zp, self.qmax - zp, g)
+        if self.offset is not None and torch.is_grad_enabled() and self.offset.requires_grad:
+            with torch.no_grad():
+                v = x / s
+                outside = ((v < self.qmin - zp) | (v > self.qmax - zp)).to(x.dtype)
+            # the forward is unchanged; d out / d beta = 1 where clipped, times LSQ's gradient scale g
+            out = out + (self.offset - self.offset.detach()) * g * outside
+        return out
 
     def qparams(self) -> QParams:
-        return QParams(self._scale().detach().float().clone(), self.zero_point.clone(), self.qmin, self.qmax,
-                       self.axis)
+        s = self._scale().detach().float().clone()
+        return QParams(s, self._zero_point(s).clone(), self.qmin, self.qmax, self.axis)
 
     def requantize(self, x: torch.Tensor) -> torch.Tensor:
         return self(x)  # LSQ never records, and the step size gets its gradient
 
     def extra_repr(self) -> str:
-        return f"enabled={self.enabled}, lsq, qmin={self.qmin}, qmax={self.qmax}, axis={self.axis}"
+        return (f"enabled={self.enabled}, {'lsq+' if self.offset is not None else 'lsq'}, qmin={self.qmin}, "
+                f"qmax={self.qmax}, axis={self.axis}")
 
 
 def quantize_bias(bias: torch.Tensor, s_in: torch.Tensor, s_w: torch.Tensor, check: bool = False) -> torch.Tensor:

@@ -115,8 +115,8 @@ def _prepare_lsq(model: nn.Module, qcfg: QATConfig) -> None:
     def lsq(fq: FakeQuantize) -> LSQQuantize:
         if isinstance(fq, LSQQuantize):
             return fq
-        if id(fq) not in swapped:
-            swapped[id(fq)] = LSQQuantize.from_fake_quant(fq)
+        if id(fq) not in swapped:  # LSQ+: an offset for the asymmetric (activation) quantizers, not weights
+            swapped[id(fq)] = LSQQuantize.from_fake_quant(fq, learn_offset=qcfg.quantizer == "lsq+" and not fq.dynamic)
         return swapped[id(fq)]
 
     for parent in list(model.modules()):
@@ -129,7 +129,8 @@ def _prepare_lsq(model: nn.Module, qcfg: QATConfig) -> None:
 
 
 #: quantizer name -> function turning a calibrated fake-quant model into a trainable one
-QAT_PREPARE: dict[str, Callable[[nn.Module, QATConfig], None]] = {"ste": _prepare_ste, "lsq": _prepare_lsq}
+QAT_PREPARE: dict[str, Callable[[nn.Module, QATConfig], None]] = {"ste": _prepare_ste, "lsq": _prepare_lsq,
+                                                                  "lsq+": _prepare_lsq}
 
 
 def prepare_qat(model: nn.Module, qcfg: QATConfig) -> nn.Module:

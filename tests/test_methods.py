@@ -273,3 +273,37 @@ def test_sensitivity_and_greedy_search():
     q2 = quant.ptq(model, QuantConfig(weight_bits=4, act_bits=8, layers=layer_settings(steps[3]["bits"])), batches)
     assert {p: l.weight_quant.qparams().qmax for p, l in quant.weighted_layers(q2)} == \
         {p: 2 ** (b - 1) - 1 for p, b in steps[3]["bits"].items()}
+
+
+def test_lsq_plus_learns_an_integer_zero_point_and_stays_exact():
+    """LSQ+: the offset gets gradient only from clipped values; after training steps the zero point is
+    an integer in range and fake quant equals the integer engine."""
+    from quant.modules import LSQQuantize
+    from quant.qparams import QParams
+    qp = QParams(torch.tensor(0.1), torch.tensor(-20, dtype=torch.int32), -128, 127, None)
+    fq = LSQQuantize(build_observer("minmax", 8), qp, learn_offset=True)
+    inside = torch.linspace(-1.0, 1.0, 50)
+    fq(inside).sum().backward()
+    assert fq.offset.grad == 0
+    fq.offset.grad = None
+    fq(torch.tensor([100.0, -100.0, 0.0])).sum().backward()
+    assert fq.offset.grad != 0
+    model, shape, batches, x = model_and_data("resnet")
+    q = quant.quantize(model, QuantConfig(weight_bits=4, act_bits=4))
+    quant.calibrate(q, batches)
+    quant.prepare_qat(q, quant.QATConfig(quantizer="lsq+", freeze_bn=0.0))
+    offsets = [m.offset for m in q.modules() if isinstance(m, LSQQuantize) and m.offset is not None]
+    assert offsets and all(m.offset is None for m in q.modules() if isinstance(m, LSQQuantize) and m.dynamic)
+    start = [float(o.detach()) for o in offsets]
+    opt = torch.optim.SGD(q.parameters(), lr=0.5)
+    q.train()
+    quant.set_bn_frozen(q, True)
+    for b in batches:
+        opt.zero_grad()
+        q(b).pow(2).mean().backward()
+        opt.step()
+        quant.clamp_lsq_(q)
+    assert any(float(o.detach()) != s for o, s in zip(offsets, start))
+    q.eval()
+    im = quant.convert(q)
+    assert torch.equal(q(x), im(x))
