@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from quant.errors import QuantError
-from quant.methods import _inputs, _pre_activation, layer_inputs, set_folded_weight, weighted_layers
+from quant.methods import _inputs, _pre_activation, layer_inputs, refit_weight_range, set_folded_weight, weighted_layers
 from quant.modules import _activation, _QWeighted
 from quant.qparams import round_half_away
 
@@ -64,14 +64,9 @@ def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
 def _grid(layer: _QWeighted) -> tuple[torch.Tensor, int, int]:
     """(step per weight, broadcastable; qmin; qmax) of the layer's weight quantizer, fixed at the current
     folded weights."""
-    fq = layer.weight_quant
-    w = layer.float_weight_bias()[0].detach()
-    fq.observer.frozen = False
-    fq.observer.reset()
-    fq.observer(w)
-    fq.observer.frozen = True
-    qp = fq.qparams()
-    scale, _ = qp.shaped(w)
+    refit_weight_range(layer)
+    qp = layer.weight_quant.qparams()
+    scale, _ = qp.shaped(layer.weight)
     return scale.float(), qp.qmin, qp.qmax
 
 

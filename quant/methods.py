@@ -34,7 +34,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from quant.errors import QuantError
-from quant.modules import FakeQuantize, QAvgPool2d, QConv2d, QConvBNReLU, QMaxPool2d, _QWeighted, \
+from quant.transforms import quantizers
+from quant.modules import QAvgPool2d, QConv2d, QConvBNReLU, QMaxPool2d, _QWeighted, \
     flatten_images
 
 RELU = (0.0, math.inf)
@@ -78,19 +79,27 @@ def _set_all(items: list[Any], attr: str, value: Any) -> Iterator[None]:
 
 def fake_quant_off(qmodel: nn.Module) -> contextlib.AbstractContextManager:
     """The float network of a quantized model (every quantizer the identity), restored on exit."""
-    return _set_all([fq for fq in qmodel.modules() if isinstance(fq, FakeQuantize)], "enabled", False)
+    return _set_all(list(quantizers(qmodel)), "enabled", False)
 
 
 def frozen_observers(qmodel: nn.Module) -> contextlib.AbstractContextManager:
     """Nothing records (ranges fixed), restored on exit."""
-    return _set_all([fq.observer for fq in qmodel.modules() if isinstance(fq, FakeQuantize)], "frozen", True)
+    return _set_all([fq.observer for fq in quantizers(qmodel)], "frozen", True)
 
 
 def act_quant_off(qmodel: nn.Module) -> contextlib.AbstractContextManager:
     """Quantized weights, float activations (every quantizer but the weights' the identity)."""
     weights = {id(m.weight_quant) for m in qmodel.modules() if isinstance(m, _QWeighted)}
-    return _set_all([fq for fq in qmodel.modules() if isinstance(fq, FakeQuantize) and id(fq) not in weights],
-                    "enabled", False)
+    return _set_all([fq for fq in quantizers(qmodel) if id(fq) not in weights], "enabled", False)
+
+
+def refit_weight_range(layer: _QWeighted) -> None:
+    """Take the layer's weight range from its current (folded) weights, then hold it (observer frozen)."""
+    obs = layer.weight_quant.observer
+    obs.frozen = False
+    obs.reset()
+    obs(layer.float_weight_bias()[0].detach())
+    obs.frozen = True
 
 
 def layer_inputs(qmodel: nn.Module, layer: nn.Module, batches: Iterable[Any], num_batches: int | None = None,

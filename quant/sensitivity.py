@@ -21,8 +21,9 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.nn as nn
 
-from quant.methods import _inputs, frozen_observers, weighted_layers
-from quant.modules import FakeQuantize, _QWeighted
+from quant.methods import _inputs, frozen_observers, refit_weight_range, weighted_layers
+from quant.modules import _QWeighted
+from quant.transforms import quantizers
 
 
 def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -30,14 +31,10 @@ def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
     return math.inf if noise == 0 else float(10 * torch.log10(ref.double().pow(2).sum() / noise))
 
 
-def _quantizers(qmodel: nn.Module) -> list[FakeQuantize]:
-    return [m for m in qmodel.modules() if isinstance(m, FakeQuantize)]
-
-
 @torch.no_grad()
 def _logits(qmodel: nn.Module, xs: list[torch.Tensor], on: set[int]) -> torch.Tensor:
     """Logits with exactly the quantizers whose id is in ``on`` enabled (eval mode, ranges frozen)."""
-    saved = [(fq, fq.enabled) for fq in _quantizers(qmodel)]
+    saved = [(fq, fq.enabled) for fq in quantizers(qmodel)]
     for fq, _ in saved:
         fq.enabled = id(fq) in on
     was = qmodel.training
@@ -86,12 +83,8 @@ def layer_sensitivity(qmodel: nn.Module, batches: Iterable[Any], num_batches: in
 
 def set_weight_bits(layer: _QWeighted, bits: int) -> None:
     """Quantize the layer's weights at ``bits`` from now on (their range follows the weights)."""
-    obs = layer.weight_quant.observer
-    obs.bits = bits
-    obs.frozen = False
-    obs.reset()
-    obs(layer.float_weight_bias()[0].detach())
-    obs.frozen = True
+    layer.weight_quant.observer.bits = bits
+    refit_weight_range(layer)
 
 
 def weight_bytes(qmodel: nn.Module) -> float:
@@ -106,7 +99,7 @@ def greedy_weight_bits(qmodel: nn.Module, batches: Iterable[Any], bits: Sequence
     last step (the lowest bits everywhere)."""
     widths = sorted(set(bits), reverse=True)
     xs = list(_inputs(batches, num_batches))
-    every = {id(fq) for fq in _quantizers(qmodel)}
+    every = {id(fq) for fq in quantizers(qmodel)}
     ref = _logits(qmodel, xs, set())
     layers = weighted_layers(qmodel)
     for _, layer in layers:
