@@ -5,6 +5,7 @@ convert it to the integer engine and evaluate it three ways (as PTQ.py).
     python QAT.py --dataset cifar10 --model cnn_bn --bits 2 --quantizer lsq --json
     python QAT.py --dataset cifar10 --model cnn --bits 4 --resume      # continue an interrupted run
     python QAT.py --from-scratch --dry-run                             # random weights, synthetic data
+    torchrun --nproc_per_node 2 QAT.py --dataset cifar10 --model resnet8 --bits 4   # 2 processes
 
 Steps: load ckpt/<dataset>_<model>.pt (or random weights with --from-scratch); quant.quantize every
 tensor (input, weights, activations) at B bits; calibrate the ranges on training batches (the PTQ
@@ -31,7 +32,8 @@ import quant
 from utils.pipeline import (FreezeSchedule, build_qat_model, check_distillation, check_matches, load_float_model,
                             load_teacher, make_loaders, make_optimizer, print_table, write_outputs)
 from utils.recipes import COMMON, QAT_RECIPES, RECIPES, model_recipe
-from utils.cli import RESUME_HINT, CLIError, check_names, one_line_errors, resolve_device, set_seed
+from utils import distributed
+from utils.cli import RESUME_HINT, CLIError, check_names, one_line_errors, set_seed
 from utils.io import load_checkpoint, save_checkpoint, versions
 from utils.training import evaluate, train_epoch
 
@@ -150,7 +152,16 @@ def main() -> int:
                              ema_momentum=cfg["ema_momentum"])
     qat_cfg = quant.QATConfig(quantizer=cfg["quantizer"], freeze_bn=cfg["freeze_bn"],
                               freeze_observers=cfg["freeze_observers"], ema_momentum=cfg["ema_momentum"])
-    device = resolve_device(args.device)
+    ctx, device = distributed.setup(args.device)
+    try:
+        return run(args, cfg, qcfg, qat_cfg, ctx, device, t0)
+    finally:
+        distributed.cleanup()
+
+
+def run(args: argparse.Namespace, cfg: dict, qcfg: quant.QuantConfig, qat_cfg: quant.QATConfig,
+        ctx: distributed.Dist, device: torch.device, t0: float) -> int:
+    distributed.check_global_batch(cfg["batch_size"], ctx)
     out = Path(args.out or f"results/ckpt/qat_{args.dataset}_{args.model}_{qcfg.tag}_{cfg['quantizer']}.pt")
     set_seed(args.seed)
     model, ckpt_path = load_float_model(argparse.Namespace(dataset=args.dataset, model=args.model, ckpt=args.ckpt,
@@ -158,7 +169,11 @@ def main() -> int:
     model = model.to(device).to(memory_format=torch.channels_last)  # faster convolutions on CPU
     teacher = load_teacher(cfg, device) if cfg["teacher"] else model
     train, test = make_loaders(cfg, args, device)
-    qmodel = build_qat_model(model, qcfg, qat_cfg, train)
+    qmodel = build_qat_model(model, qcfg, qat_cfg, train, progress=ctx.main)  # every rank calibrates on the same whole batches
+    if ctx.enabled:
+        distributed.global_batchnorm(qmodel)
+        quant.sync_act_ranges(qmodel, distributed.reduce_range)
+        train.shard(ctx.rank, ctx.world_size)
     if cfg["bn_momentum"] is not None:
         quant.set_bn_momentum(qmodel, cfg["bn_momentum"])
     quant.set_fold_grad_scale(qmodel, cfg["fold_grad_scale"])
@@ -176,22 +191,29 @@ def main() -> int:
         start, metrics = ckpt["epoch"], ckpt["metrics"]
         print(f"resuming {out} after epoch {start}/{cfg['epochs']}")
     ptq_acc = metrics.get("ptq_fq_acc")
-    if ptq_acc is None:
+    if ptq_acc is None and ctx.main:
         ptq_acc = eval_fq(qmodel, test, device)["test_acc"]  # the calibrated starting point
     schedule = FreezeSchedule(qmodel, qat_cfg, len(train), step=start * len(train))
 
-    print(f"QAT {args.dataset}/{args.model} {qcfg.tag} {cfg['quantizer']} on {device}: {cfg}")
-    print(f"PTQ initialisation: fake-quant test acc {ptq_acc:.2f}%")
+    net = distributed.wrap(qmodel, ctx, device)
+    procs = f" x {ctx.world_size} processes" if ctx.enabled else ""
+    print(f"QAT {args.dataset}/{args.model} {qcfg.tag} {cfg['quantizer']} on {device}{procs}: {cfg}")
+    if ctx.main:
+        print(f"PTQ initialisation: fake-quant test acc {ptq_acc:.2f}%")
     for epoch in range(start, cfg["epochs"]):
         if args.stop_after is not None and epoch - start >= args.stop_after:
             print(f"stopping after {args.stop_after} epoch(s) as asked; continue with --resume")
             break
         train.set_epoch(epoch)
-        metrics = train_epoch(qmodel, train, opt, sched, device, cfg["label_smoothing"],
+        metrics = train_epoch(net, train, opt, sched, device, cfg["label_smoothing"],
                               desc=f"qat {epoch + 1}/{cfg['epochs']}", after_step=schedule.after_step,
-                              teacher=teacher, kd_weight=cfg["kd_weight"], kd_temp=cfg["kd_temp"])
-        metrics.update(eval_fq(qmodel, test, device))
+                              teacher=teacher, kd_weight=cfg["kd_weight"], kd_temp=cfg["kd_temp"], progress=ctx.main)
+        metrics = distributed.mean_over_ranks(metrics, ("train_loss", "train_acc"), ctx)
+        distributed.check_same_state(qmodel, ctx, f"after epoch {epoch + 1}")
         metrics["epoch"], metrics["ptq_fq_acc"], ran = epoch + 1, ptq_acc, True
+        if not ctx.main:
+            continue  # rank 0 alone evaluates, prints and saves
+        metrics.update(eval_fq(qmodel, test, device))
         frozen = [name for name, s in (("bn", schedule.bn_step), ("ranges", schedule.obs_step)) if schedule.step >= s]
         print(f"epoch {epoch + 1:3d}/{cfg['epochs']}  loss {metrics['train_loss']:.4f}  "
               f"train acc {metrics['train_acc']:6.2f}%  fq test acc {metrics['test_acc']:6.2f}%  "
@@ -201,7 +223,7 @@ def main() -> int:
                              "scheduler": sched.state_dict(), "config": cfg, "quant_config": qcfg.to_dict(),
                              "qat_config": qat_cfg.to_dict(), "epoch": epoch + 1, "metrics": metrics,
                              "float_ckpt": ckpt_path, "versions": versions()}, out)
-    if metrics.get("epoch") != cfg["epochs"]:
+    if metrics.get("epoch") != cfg["epochs"] or not ctx.main:
         return 0
 
     # final model: everything frozen, exactly the integer engine's graph
@@ -219,7 +241,7 @@ def main() -> int:
            "int_acc": round(res["int_acc"], 2), "agreement": round(res["agreement"], 3),
            "int_seconds": round(res["int_seconds"], 2), "float_seconds": round(res["float_seconds"], 2),
            "seconds": round(time.perf_counter() - t0, 1), "data_source": test.source, "float_ckpt": ckpt_path,
-           "device": str(device), **versions()}
+           "device": str(device), "processes": ctx.world_size, **versions()}
     print_table(row)
     print(f"QAT {cfg['quantizer']} {cfg['epochs']} epoch(s), lr {cfg['lr']}: fake-quant {row['ptq_fq_acc']:.2f}% "
           f"after calibration -> {row['fq_acc']:.2f}% after QAT")

@@ -4,6 +4,7 @@
     python train.py --dataset cifar10 --model cnn_bn --epochs 40
     python train.py --dataset cifar10 --model cnn --resume      # continue an interrupted run
     python train.py --dataset cifar10 --model cnn --eval-only   # evaluate ckpt/cifar10_cnn.pt
+    torchrun --nproc_per_node 2 train.py --dataset cifar10 --model resnet8   # 2 processes (utils/distributed.py)
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from pathlib import Path
 import torch
 
 from models import build_model
-from utils.cli import RESUME_HINT, CLIError, check_names, one_line_errors, resolve_device, set_seed
+from utils import distributed
+from utils.cli import RESUME_HINT, CLIError, check_names, one_line_errors, set_seed
 from utils.io import append_csv_row, load_checkpoint, save_checkpoint, versions
 from utils.pipeline import check_distillation, check_matches, load_teacher, make_ema, make_loaders, make_optimizer
 from utils.recipes import model_recipe
@@ -86,10 +88,20 @@ def fill_recipe(args: argparse.Namespace) -> dict:
 def main() -> int:
     args = parse_args()
     cfg = fill_recipe(args)
-    device = resolve_device(args.device)
+    ctx, device = distributed.setup(args.device)
+    try:
+        return run(args, cfg, ctx, device)
+    finally:
+        distributed.cleanup()
+
+
+def run(args: argparse.Namespace, cfg: dict, ctx: distributed.Dist, device: torch.device) -> int:
     out = Path(args.out) if args.out else Path("ckpt") / f"{cfg['dataset']}_{cfg['model']}.pt"
+    distributed.check_global_batch(cfg["batch_size"], ctx)
     set_seed(cfg["seed"])
     model = build_model(cfg["model"], cfg["dataset"]).to(device).to(memory_format=torch.channels_last)
+    if ctx.enabled:
+        distributed.global_batchnorm(model)
 
     if args.eval_only:
         ckpt = load_checkpoint(out, f"train it with: python train.py --dataset {cfg['dataset']} --model {cfg['model']}")
@@ -103,6 +115,8 @@ def main() -> int:
         return 0
 
     train, test = make_loaders(cfg, args, device)
+    if ctx.enabled:
+        train.shard(ctx.rank, ctx.world_size)
     opt, sched = make_optimizer(model, cfg, len(train))
     ema = make_ema(model, cfg["ema_decay"])
     teacher = load_teacher(cfg, device)
@@ -122,19 +136,26 @@ def main() -> int:
         start, metrics = ckpt["epoch"], ckpt["metrics"]
         print(f"resuming {out} after epoch {start}/{cfg['epochs']}")
 
-    print(f"training {cfg['dataset']}/{cfg['model']} on {device}: {cfg}")
+    net = distributed.wrap(model, ctx, device)
+    procs = f" x {ctx.world_size} processes" if ctx.enabled else ""
+    print(f"training {cfg['dataset']}/{cfg['model']} on {device}{procs}: {cfg}")
     for epoch in range(start, cfg["epochs"]):
         if args.stop_after is not None and epoch - start >= args.stop_after:
             print(f"stopping after {args.stop_after} epoch(s) as asked; continue with --resume")
             break
         train.set_epoch(epoch)
-        metrics = train_epoch(model, train, opt, sched, device, cfg["label_smoothing"],
+        metrics = train_epoch(net, train, opt, sched, device, cfg["label_smoothing"],
                               desc=f"epoch {epoch + 1}/{cfg['epochs']}",
                               after_step=None if ema is None else lambda: ema.update_parameters(model),
                               sam_rho=cfg["sam_rho"], teacher=teacher, kd_weight=cfg["kd_weight"],
-                              kd_temp=cfg["kd_temp"])
-        metrics.update(evaluate(final, test, device))
+                              kd_temp=cfg["kd_temp"], progress=ctx.main)
+        metrics = distributed.mean_over_ranks(metrics, ("train_loss", "train_acc"), ctx)
+        for held in (model,) if ema is None else (model, ema):
+            distributed.check_same_state(held, ctx, f"after epoch {epoch + 1}")
         metrics["epoch"], ran = epoch + 1, True
+        if not ctx.main:
+            continue  # rank 0 alone evaluates, prints and saves
+        metrics.update(evaluate(final, test, device))
         print(f"epoch {epoch + 1:3d}/{cfg['epochs']}  loss {metrics['train_loss']:.4f}  "
               f"train acc {metrics['train_acc']:6.2f}%  test acc {metrics['test_acc']:6.2f}%  "
               f"{metrics['seconds']:5.1f}s", flush=True)
@@ -144,13 +165,14 @@ def main() -> int:
                              "scheduler": sched.state_dict(), "config": cfg, "epoch": epoch + 1,
                              "metrics": metrics, "versions": versions()}, out)
     finished = metrics.get("epoch") == cfg["epochs"]
-    if finished and not args.dry_run and ran:
+    if finished and not args.dry_run and ran and ctx.main:
         append_csv_row(args.results, {**cfg, "test_acc": round(metrics["test_acc"], 2),
                                       "train_acc": round(metrics["train_acc"], 2),
                                       "run_seconds": round(time.perf_counter() - t_start, 1),
                                       "checkpoint": str(out), "data_source": test.source, "device": str(device),
+                                      "processes": ctx.world_size,
                                       **versions()})
-    if args.json:
+    if args.json and ctx.main:
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
     return 0
 

@@ -76,7 +76,9 @@ class Loader:
     reflect padding), ``flip`` and ``erase<P>`` (random erasing of one rectangle with
     probability P%); "" for none. Shuffling and augmentation use
     a generator seeded with ``seed + epoch`` (``set_epoch``), so a resumed run
-    sees the same batches as an uninterrupted one.
+    sees the same batches as an uninterrupted one. ``shard(rank, world)``: each batch is still drawn
+    and augmented whole (the global batch), and this loader yields only its ``rank``-th of ``world``
+    equal slices (a distributed run: ``utils.distributed``).
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, dataset: str, batch_size: int,
@@ -91,6 +93,14 @@ class Loader:
         self.drop_last = train if drop_last is None else drop_last
         self.ops = parse_augment(augment) if train else []
         self.source = source  # where the images came from, e.g. "debian", "jpeg-copy", "synthetic"
+        self.rank, self.world = 0, 1
+
+    def shard(self, rank: int, world: int) -> None:
+        """Yield only slice ``rank`` of ``world`` of every batch from now on (``shard(0, 1)``: whole batches)."""
+        if not 0 <= rank < world or self.batch_size % world or not self.drop_last:
+            raise ValueError(f"cannot split batches of {self.batch_size} into {world} equal slices "
+                             f"(rank {rank}, drop_last {self.drop_last}); use a batch size divisible by {world}")
+        self.rank, self.world = rank, world
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -112,6 +122,9 @@ class Loader:
                 x, y = self.x[idx], self.y[idx]
             for op, arg in self.ops:
                 x = apply_op(x, op, arg, gen)
+            if self.world > 1:
+                part = slice(self.rank * (len(y) // self.world), (self.rank + 1) * (len(y) // self.world))
+                x, y = x[part], y[part]
             yield x, y
 
 

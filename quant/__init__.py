@@ -27,7 +27,7 @@ from quant.ptq import COMPARISON, METHODS, first_last, ptq, ptq_methods
 from quant.sensitivity import greedy_weight_bits, layer_sensitivity
 from quant.qparams import QParams, choose_qparams, dequantize, fake_quantize, quantize as quantize_tensor
 from quant.qat import (clamp_lsq_, frozen_act_observers, prepare_qat, set_act_observers, set_bn_frozen,
-                       set_bn_momentum, set_fold_grad_scale)
+                       set_bn_momentum, set_fold_grad_scale, sync_act_ranges)
 from quant.transforms import calibrate, calibration_mode, convert, quantize, set_fake_quant, set_observers, set_requant
 
 __all__ = [
@@ -38,6 +38,6 @@ __all__ = [
     "choose_qparams", "quantize_tensor", "dequantize", "fake_quantize", "fold_bn", "model_graph",
     "quantize_multiplier", "multiply_by_quantized_multiplier",
     "prepare_qat", "set_bn_frozen", "set_bn_momentum", "set_fold_grad_scale", "set_act_observers",
-    "frozen_act_observers", "clamp_lsq_",
+    "frozen_act_observers", "clamp_lsq_", "sync_act_ranges",
     "export_tflite", "TFLiteRunner", "TFLMRunner", "RUNTIMES", "make_runner", "tflm_arena_bytes", "write_c_array",
 ]

@@ -32,6 +32,9 @@ class Observer(nn.Module):
     """
 
     name = "base"
+    #: set by ``quant.sync_act_ranges`` (not saved): maps a batch's (min, max) to the range of the global
+    #: batch it is one slice of (a distributed run's all-reduce); None: the batch alone
+    reduce: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def __init__(self, bits: int, symmetric: bool = False, narrow: bool = False, axis: int | None = None,
                  momentum: float = 0.9, percentile: float = 99.99) -> None:
@@ -69,6 +72,8 @@ class Observer(nn.Module):
             if x.numel() == 0:
                 return x
             lo, hi = self._batch_range(x)
+            if self.reduce is not None:
+                lo, hi = self.reduce(lo, hi)
             if not self.initialized:
                 self.min_val, self.max_val = lo.clone(), hi.clone()
             else:
@@ -216,6 +221,9 @@ class HistogramObserver(MinMaxObserver):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.frozen or x.numel() == 0:
             return x
+        if self.reduce is not None:
+            raise QuantError(f"the {self.name} calibrator's histogram is not reduced across processes; calibrate "
+                             f"every process on the same batches, before quant.sync_act_ranges")
         super().forward(x)
         lo, hi = float(self.min_val), float(self.max_val)
         if hi <= lo:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 from typing import Callable, Iterator
 
+import torch
 import torch.nn as nn
 
 from quant.config import QATConfig
@@ -81,6 +82,15 @@ def frozen_act_observers(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for fq, frozen in saved:
             fq.observer.frozen = frozen
+
+
+def sync_act_ranges(model: nn.Module,
+                    reduce: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None) -> None:
+    """Make every activation observer combine each batch's (min, max) with ``reduce`` before it moves (a
+    distributed run's all-reduce over the ranks' slices of the global batch: ``utils.distributed``), or
+    stop (None). Weight ranges need none: every rank holds the same weights. Not saved with the model."""
+    for fq in act_quantizers(model):
+        fq.observer.reduce = reduce
 
 
 def clamp_lsq_(model: nn.Module) -> None:

@@ -168,9 +168,9 @@ class FreezeSchedule:
 
 
 def build_qat_model(float_model: torch.nn.Module, qcfg: quant.QuantConfig, qat_cfg: quant.QATConfig,
-                    calib_loader) -> torch.nn.Module:
+                    calib_loader, progress: bool = True) -> torch.nn.Module:
     """quantize -> calibrate (PTQ init, first training batches of epoch 0) -> prepare_qat."""
     qmodel = quant.quantize(float_model, qcfg)
     calib_loader.set_epoch(0)
-    quant.calibrate(qmodel, calib_loader, num_batches=qcfg.calib_batches, progress=True)
+    quant.calibrate(qmodel, calib_loader, num_batches=qcfg.calib_batches, progress=progress)
     return quant.prepare_qat(qmodel, qat_cfg)

@@ -19,7 +19,8 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
                 scheduler: torch.optim.lr_scheduler.LRScheduler | None, device: torch.device,
                 label_smoothing: float = 0.0, desc: str = "train",
                 after_step: Callable[[], None] | None = None, sam_rho: float = 0.0,
-                teacher: nn.Module | None = None, kd_weight: float = 0.0, kd_temp: float = 4.0) -> dict[str, float]:
+                teacher: nn.Module | None = None, kd_weight: float = 0.0, kd_temp: float = 4.0,
+                progress: bool = True) -> dict[str, float]:
     """Train for one pass over ``loader``; returns mean loss, accuracy (%) and seconds.
 
     sam_rho > 0 takes sharpness-aware minimisation steps (SAM, Foret et al. 2021): the gradient
@@ -28,7 +29,7 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
     """
     model.train()
     t0, total, correct, loss_sum = time.perf_counter(), 0, 0, 0.0
-    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0, disable=not progress)
     for x, y in bar:
         x, y = to_input(x, device), y.to(device)
         out = model(x)
