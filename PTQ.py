@@ -24,56 +24,14 @@ import torch
 import quant
 from data import Loader
 from quant.adaround import AdaRoundConfig
-from quant.config import LAYER_FIELDS
+from utils.args import ptq_parser
 from utils.cli import CLIError, one_line_errors, resolve_device, set_seed
 from utils.io import append_csv_row, versions
 from utils.pipeline import load_float_model, make_data, print_table, range_suffix, write_outputs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="fashion_mnist", help="fashion_mnist or cifar10 (default: %(default)s)")
-    p.add_argument("--model", default="cnn", help="cnn or cnn_bn (default: %(default)s)")
-    p.add_argument("--bits", type=int, default=8, help="bits of every weight and activation, 2..8 (default: %(default)s)")
-    p.add_argument("--weight-bits", type=int, help="bits of the weights (default: --bits)")
-    p.add_argument("--act-bits", type=int, help="bits of the input and every activation (default: --bits)")
-    p.add_argument("--per-tensor", action="store_true", help="one scale per conv weight tensor (default: per channel)")
-    p.add_argument("--observer", default="mse", help="activation calibrator: mse (clipped for least squared error), "
-                   "minmax, ema, percentile (--percentile) or entropy (least KL divergence) (default: %(default)s)")
-    p.add_argument("--weight-range", default="minmax", help="weight range per channel: minmax (max |w|), mse "
-                   "(clipped for least squared error) or percentile (of |w|) (default: %(default)s)")
-    p.add_argument("--percentile", type=float, default=99.99, help="percentile of the percentile calibrators "
-                   "(default: %(default)s)")
-    p.add_argument("--method", dest="methods", default="", help="comma list of PTQ methods: cle (cross-layer equalisation), "
-                   "adaround (learned rounding), bias_correction (default: none)")
-    p.add_argument("--adaround-iters", type=int, default=AdaRoundConfig.iterations,
-                   help="AdaRound iterations per layer (default: %(default)s)")
-    p.add_argument("--layer", action="append", metavar="PATTERN:SETTINGS",
-                   help="per-layer settings, repeatable, later ones win: PATTERN:field=value,... with fields "
-                   f"{', '.join(LAYER_FIELDS)} (or wBaB), PATTERN a module path, type name, op kind or 'input' "
-                   "(fnmatch); e.g. --layer fc:w8a8 --layer 'layer1.*:weight_bits=6'")
-    p.add_argument("--compare", action="store_true", help="run the calibrators and methods of quant.COMPARISON side by side "
-                   "at these bits, print the table and append the rows to results/ptq_methods.csv")
-    p.add_argument("--analyze", action="store_true", help="after quantizing: each layer's logit SQNR (alone, "
-                   "cumulative) and accuracy alone, then a greedy search over per-layer weight bits (--search-bits); "
-                   "rows to results/sensitivity.csv and results/mixed_precision.csv, plot results/sensitivity_*.png")
-    p.add_argument("--search-bits", default="8,6,4", help="weight bit widths the --analyze search may give a layer "
-                   "(default: %(default)s)")
-    p.add_argument("--first-last", type=int, metavar="B", help="the model input, the first layer's weights and the "
-                   "last layer's weights and output at B bits (the papers' convention)")
-    p.add_argument("--calib-batches", type=int, default=32, help="training batches for calibration (default: %(default)s)")
-    p.add_argument("--calib-batch-size", type=int, default=256, help="images per calibration batch (default: %(default)s)")
-    p.add_argument("--rounding", default="ref", help="integer requantization: ref, builtin, xnnpack (LiteRT kernel sets) or tflm (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration batch order (default: %(default)s)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
-    p.add_argument("--data-root", default=None, help="data directory (default: $QDNN_DATA_ROOT, else datasets/)")
-    p.add_argument("--ckpt", default=None, help="float checkpoint (default: ckpt/<dataset>_<model>.pt)")
-    p.add_argument("--out", default=None, help="integer model checkpoint (default: results/ckpt/ptq_<dataset>_<model>_<tag>_<observer>.pt)")
-    p.add_argument("--results", default=None, help="CSV to append the row to (default: results/ptq.csv)")
-    p.add_argument("--dry-run", action="store_true", help="random weights and synthetic data; writes nothing "
-                                                          "unless --out/--results are given")
-    p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
-    return p.parse_args(argv)
+    return ptq_parser(__doc__).parse_args(argv)  # the flags: utils/args.py
 
 
 def quant_config(args: argparse.Namespace, model: torch.nn.Module) -> quant.QuantConfig:

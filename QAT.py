@@ -17,7 +17,8 @@ accuracy and the fq/int argmax agreement. Appends one row to results/qat.csv, sa
 checkpoint (every epoch, atomically: --resume continues it) and the integer model beside it.
 
 Defaults per bit width are in QAT_RECIPES (every value can be overridden on the command line);
-with --from-scratch the float training recipe (utils.recipes.RECIPES: epochs, lr) is used instead.
+with --from-scratch the float training recipe (utils.recipes.model_recipe: epochs, lr, weight decay,
+augmentation) is used instead.
 """
 from __future__ import annotations
 
@@ -29,105 +30,17 @@ from pathlib import Path
 import torch
 
 import quant
-from utils.pipeline import (FreezeSchedule, build_qat_model, check_distillation, check_matches, load_float_model,
-                            load_teacher, make_loaders, make_optimizer, print_table, write_outputs)
-from utils.recipes import COMMON, QAT_RECIPES, RECIPES, model_recipe
+from utils.pipeline import (FreezeSchedule, build_qat_model, check_matches, load_float_model, load_teacher,
+                            make_loaders, make_optimizer, print_table, write_outputs)
 from utils import distributed
-from utils.cli import RESUME_HINT, CLIError, check_names, one_line_errors, set_seed
+from utils.args import fill_qat_recipe as fill_recipe, qat_parser
+from utils.cli import RESUME_HINT, CLIError, one_line_errors, set_seed
 from utils.io import load_checkpoint, save_checkpoint, versions
 from utils.training import evaluate, train_epoch
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="fashion_mnist", help="fashion_mnist or cifar10 (default: %(default)s)")
-    p.add_argument("--model", default="cnn", help="cnn or cnn_bn (default: %(default)s)")
-    p.add_argument("--bits", type=int, default=8, help="bits of every weight and activation, 2..8 (default: %(default)s)")
-    p.add_argument("--weight-bits", type=int, help="bits of the weights (default: --bits, which also picks the recipe)")
-    p.add_argument("--act-bits", type=int, help="bits of the input and every activation (default: --bits)")
-    p.add_argument("--quantizer", choices=("ste", "lsq", "lsq+"), help="ste (EMA ranges + straight-through), lsq "
-                   "(learned step sizes) or lsq+ (lsq with learned activation offsets) (default: QAT_RECIPES: ste at "
-                   "7-8 bits, lsq at 2-6)")
-    p.add_argument("--epochs", type=int, help="QAT epochs (default: QAT_RECIPES, 1 at 8 bits .. 6 at 2 bits)")
-    p.add_argument("--lr", type=float, help="peak learning rate of the one-cycle schedule (default: QAT_RECIPES, 1e-3 .. 1e-2)")
-    p.add_argument("--weight-decay", type=float, help="SGD weight decay (default: QAT_RECIPES)")
-    p.add_argument("--batch-size", type=int, help=f"training batch size (default: {COMMON['batch_size']})")
-    p.add_argument("--freeze-bn", type=float, help="epoch (fractional allowed) after which BN statistics freeze "
-                   "(default: QAT_RECIPES fraction of --epochs, e.g. 0.5)")
-    p.add_argument("--freeze-observers", type=float, help="epoch after which activation ranges freeze "
-                   "(default: QAT_RECIPES fraction of --epochs)")
-    p.add_argument("--augment", help="training augmentation, as train.py's --augment (default: the data set's "
-                   "float recipe, utils.recipes.RECIPES: none for fashion_mnist, crop4,flip for cifar10; with --from-scratch "
-                   "the model's own, utils.recipes.model_recipe)")
-    p.add_argument("--kd-weight", type=float, help="weight, 0..1, of distilling the float model's logits into the "
-                   "quantized one (train.py's --kd-weight; the float checkpoint is the teacher) "
-                   f"(default: QAT_RECIPES, else {COMMON['kd_weight']})")
-    p.add_argument("--kd-temp", type=float, help=f"distillation temperature (default: {COMMON['kd_temp']})")
-    p.add_argument("--teacher", help="comma list of float checkpoints whose mean logits are distilled with --kd-weight "
-                   "(train.py's --teacher; default: the float checkpoint being quantized)")
-    p.add_argument("--bn-momentum", type=float, help="PyTorch momentum of the BN running statistics during QAT, "
-                   "before the BN freeze (default: QAT_RECIPES, else the float model's, 0.1)")
-    p.add_argument("--fold-grad-scale", action=argparse.BooleanOptionalAction, default=None,
-                   help="scale each fused Conv+BN weight's gradient by (sigma/gamma)^2 so its folded weight "
-                   "steps like a plain conv's (default: QAT_RECIPES, else off)")
-    p.add_argument("--observer", help=f"calibration (PTQ init) observer: mse, minmax or ema (default: {COMMON['observer']})")
-    p.add_argument("--weight-range", choices=("minmax", "mse"), help="weight range per channel, the PTQ start of "
-                   "ste's ranges and lsq's step sizes: minmax (max |w|) or mse (clipped for least squared error) "
-                   f"(default: QAT_RECIPES, else {COMMON['weight_range']})")
-    p.add_argument("--calib-batches", type=int, help=f"training batches for calibration (default: {COMMON['calib_batches']})")
-    p.add_argument("--rounding", default="ref", help="integer requantization: ref, builtin, xnnpack (LiteRT kernel sets) or tflm (default: %(default)s)")
-    p.add_argument("--per-tensor", action="store_true", help="one scale per conv weight tensor (default: per channel)")
-    p.add_argument("--from-scratch", action="store_true", help="start from random weights instead of the float checkpoint "
-                   "(epochs and lr default to train.py's recipe)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
-    p.add_argument("--data-root", default=None, help="data directory (default: $QDNN_DATA_ROOT, else datasets/)")
-    p.add_argument("--ckpt", default=None, help="float checkpoint (default: ckpt/<dataset>_<model>.pt)")
-    p.add_argument("--out", default=None, help="QAT checkpoint, saved every epoch (default: results/ckpt/"
-                   "qat_<dataset>_<model>_<tag>_<quantizer>.pt); the integer model goes beside it as *.int.pt")
-    p.add_argument("--results", default=None, help="CSV to append the row to (default: results/qat.csv)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint at --out")
-    p.add_argument("--dry-run", action="store_true", help="synthetic data (1 epoch unless --epochs); writes nothing "
-                   "unless --out/--results are given")
-    p.add_argument("--stop-after", type=int, default=None,
-                   help="stop after this many epochs in this run, as if interrupted (to test --resume)")
-    p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
-    return p.parse_args(argv)
-
-
-def fill_recipe(args: argparse.Namespace) -> dict:
-    """QAT_RECIPES[bits] (or utils.recipes.RECIPES with --from-scratch) merged under the command line."""
-    if args.bits not in QAT_RECIPES:
-        raise CLIError(f"--bits must be an integer in 2..8, got {args.bits}; pick a bit width from 2 to 8")
-    check_names(args.dataset, args.model)
-    train_recipe = model_recipe(args.dataset, args.model)
-    # Fine-tuning uses the data set's augmentation, not a model's extra regularisation
-    # (utils.recipes.MODEL_RECIPES): a few QAT epochs must fit the quantized weights, and extra augmentation
-    # costs accuracy there (Fashion-MNIST cnn_bn, 4 bits lsq: 91.18% without flips, 90.84% with).
-    cfg = dict(COMMON, **QAT_RECIPES[args.bits], label_smoothing=train_recipe["label_smoothing"],
-               augment=RECIPES[args.dataset]["augment"])
-    if args.from_scratch:  # (no trained float model to distil)
-        cfg.update(epochs=train_recipe["epochs"], lr=train_recipe["lr"], weight_decay=train_recipe["weight_decay"],
-                   augment=train_recipe["augment"], kd_weight=0.0)
-    cfg.update(dataset=args.dataset, model=args.model, bits=args.bits, seed=args.seed, from_scratch=args.from_scratch)
-    for key in ("quantizer", "epochs", "lr", "weight_decay", "batch_size", "observer", "weight_range", "calib_batches",
-                "augment", "kd_weight", "kd_temp", "teacher", "bn_momentum", "fold_grad_scale"):
-        if getattr(args, key) is not None:
-            cfg[key] = getattr(args, key)
-    check_distillation(cfg)
-    if cfg["kd_weight"] > 0 and args.from_scratch and not cfg["teacher"]:
-        raise CLIError("--from-scratch has no trained float model to distil; pass --kd-weight 0 or a --teacher")
-    if cfg["bn_momentum"] is not None and not 0 < cfg["bn_momentum"] <= 1:
-        raise CLIError(f"--bn-momentum must be in (0, 1], got {cfg['bn_momentum']}; PyTorch's default is 0.1")
-    if args.dry_run and args.epochs is None:
-        cfg["epochs"] = 1
-    if cfg["epochs"] < 1 or cfg["lr"] <= 0 or cfg["batch_size"] < 1:
-        raise CLIError("--epochs and --batch-size must be >= 1 and --lr > 0")
-    # freeze points in epochs: the flags are epochs, the recipe gives fractions of the run
-    cfg["freeze_bn"] = args.freeze_bn if args.freeze_bn is not None else cfg["freeze_bn"] * cfg["epochs"]
-    cfg["freeze_observers"] = (args.freeze_observers if args.freeze_observers is not None
-                               else cfg["freeze_observers"] * cfg["epochs"])
-    return cfg
+    return qat_parser(__doc__).parse_args(argv)  # the flags: utils/args.py
 
 
 @torch.no_grad()

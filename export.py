@@ -44,48 +44,16 @@ import torch
 
 import quant
 from data import STATS, Loader, synthetic_split
-from models import build_model
-from utils.pipeline import load_float_model, make_data
 from quant.export_tflite import MODES, TFLiteRunner, export_tflite, litert, make_runner
 from quant.tflm import pixel_map, tflm_arena_bytes, tflm_available, write_c_array
-from utils.cli import CLIError, check_names, format_match, one_line_errors, set_seed
+from utils.args import export_parser
+from utils.cli import CLIError, check_names, format_match, one_line_errors
 from utils.io import append_csv_row, versions
+from utils.pipeline import load_export_source, make_data
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="fashion_mnist", help="fashion_mnist or cifar10 (default: %(default)s)")
-    p.add_argument("--model", default="cnn", help="cnn or cnn_bn (default: %(default)s)")
-    p.add_argument("--bits", type=int, default=None, help="bits of the PTQ model, 2..8 (default: 8, or those of "
-                                                          "the --from checkpoint)")
-    p.add_argument("--from", dest="source", default=None,
-                   help="integer checkpoint from PTQ.py or QAT.py (default: the PTQ checkpoint "
-                        "results/ckpt/ptq_<dataset>_<model>_w<B>a<B>-per_channel_mse.pt, made on the fly if absent)")
-    p.add_argument("--clamp", default="bits", help="activation clamps: bits (the b-bit ranges, as PTQ.py "
-                   "evaluates) or int8 (LiteRT's fused-activation ranges; made on the fly) (default: %(default)s)")
-    p.add_argument("--int8-input", action="store_true", help="the file takes the quantized int8 image "
-                                                             "(default: float32 image and a QUANTIZE op)")
-    p.add_argument("--float", action="store_true", help="export the float32 model ckpt/<dataset>_<model>.pt "
-                                                        "instead (BatchNorm folded)")
-    p.add_argument("--out", default=None, help="the .tflite file (default: the checkpoint path with .tflite; "
-                                               "--float: results/ckpt/<dataset>_<model>_float32.tflite)")
-    p.add_argument("--verify", action="store_true", help="compare with LiteRT and TFLM over the whole test set")
-    p.add_argument("--c-array", action="store_true", help="also write the file as a C source and header "
-                                                          "(<out>.c, <out>.h) for a TFLM application")
-    p.add_argument("--threads", type=int, default=1, help="LiteRT threads for --verify (default: %(default)s)")
-    p.add_argument("--calib-batches", type=int, default=32, help="on-the-fly PTQ: training batches for "
-                                                                 "calibration (default: %(default)s)")
-    p.add_argument("--calib-batch-size", type=int, default=256, help="on-the-fly PTQ: images per calibration "
-                                                                     "batch (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="on-the-fly PTQ: calibration batch order (default: %(default)s)")
-    p.add_argument("--data-root", default=None, help="data directory (default: $QDNN_DATA_ROOT, else datasets/)")
-    p.add_argument("--ckpt", default=None, help="float checkpoint (default: ckpt/<dataset>_<model>.pt)")
-    p.add_argument("--dry-run", action="store_true", help="random weights and synthetic data, made on the fly; "
-                                                          "needs --out")
-    p.add_argument("--results", default=None, help="CSV that --verify appends its row to (default: "
-                   "results/export_verify.csv; a --dry-run writes none unless given)")
-    p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
-    return p.parse_args(argv)
+    return export_parser(__doc__).parse_args(argv)  # the flags: utils/args.py
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -102,44 +70,6 @@ def check_args(args: argparse.Namespace) -> None:
         raise CLIError("--dry-run writes only where --out names a place; pass --out FILE.tflite")
     if args.threads < 1:
         raise CLIError(f"--threads must be >= 1, got {args.threads}")
-
-
-def default_source(args: argparse.Namespace) -> Path:
-    tag = quant.QuantConfig(weight_bits=args.bits, act_bits=args.bits).tag
-    return Path(f"results/ckpt/ptq_{args.dataset}_{args.model}_{tag}_mse.pt")
-
-
-def ptq_on_the_fly(args: argparse.Namespace, calib: Loader) -> quant.IntModel:
-    """The integer model PTQ.py makes with its defaults (mse observer), converted with --clamp."""
-    cfg = quant.QuantConfig(weight_bits=args.bits, act_bits=args.bits, observer="mse",
-                            calib_batches=args.calib_batches)
-    set_seed(args.seed)
-    model, _ = load_float_model(args)
-    qmodel = quant.quantize(model, cfg)
-    quant.calibrate(qmodel, calib, num_batches=cfg.calib_batches, progress=True)
-    return quant.convert(qmodel, clamp=args.clamp)
-
-
-def load_source(args: argparse.Namespace, calib: Loader | None) -> tuple[quant.IntModel | torch.nn.Module, Path, str]:
-    """(model to export, its source path, how it was obtained)."""
-    if args.float:
-        model, path = load_float_model(args)
-        return model, Path(path), "float checkpoint"
-    path = Path(args.source) if args.source else default_source(args)
-    if args.source or (path.exists() and args.clamp == "bits" and not args.dry_run):
-        imodel, meta = quant.load_integer(path, build_model(args.model, args.dataset))
-        cfg = imodel.meta.get("config") or {}
-        if args.bits is None:
-            args.bits = cfg.get("act_bits", 8)
-        elif cfg.get("act_bits", args.bits) != args.bits:
-            raise CLIError(f"{path} holds a w{cfg.get('weight_bits')}a{cfg.get('act_bits')} model; pass "
-                           f"--bits {cfg.get('act_bits')} or leave --bits out")
-        return imodel, path, "checkpoint"
-    if calib is None:
-        calib, _ = make_data(args, torch.device("cpu"))
-    if args.clamp == "int8":
-        path = path.with_name(path.stem + "_int8clamp.pt")
-    return ptq_on_the_fly(args, calib), path, "PTQ on the fly (not saved)"
 
 
 def out_path(args: argparse.Namespace, source: Path) -> Path:
@@ -203,7 +133,7 @@ def main() -> int:
     torch.set_num_threads(min(torch.get_num_threads(), max(args.threads, 1)))
     t0 = time.perf_counter()
     calib, test = make_data(args, torch.device("cpu")) if args.verify or args.dry_run else (None, None)
-    model, source, how = load_source(args, calib)
+    model, source, how = load_export_source(args, calib)
     shape = tuple(synthetic_split(args.dataset, 1).images.shape[1:])  # (C, H, W) of one image
     path = out_path(args, source)
     data = export_tflite(model, path, shape, int8_input=args.int8_input,

@@ -38,10 +38,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-import PTQ
-import QAT
+from utils.args import add_group, add_shared, fill_qat_recipe, new_parser, ptq_parser, qat_default, qat_parser
 from utils.cli import CLIError, check_names, one_line_errors, resolve_device
 from utils.io import REPO_ROOT, append_csv_row
+from utils.recipes import QAT_RECIPES
 from utils.results_tables import METHODS, read_results, render_results_md, write_results
 
 DATASETS, MODELS, BITS = ("fashion_mnist", "cifar10"), ("cnn", "cnn_bn"), "4,6,8"
@@ -63,39 +63,44 @@ NEUTRAL_SETTINGS = {"kd_weight": 0.0, "kd_temp": 1.0, "teacher": "", "bn_momentu
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--datasets", help=f"comma list (default: {FULL['datasets']}; --quick: {QUICK['datasets']})")
-    p.add_argument("--models", help=f"comma list (default: {FULL['models']}; --quick: {QUICK['models']})")
-    p.add_argument("--bits", help=f"bit widths, '4,6,8' or a range '2-8', within 2..8 (default: {BITS}; "
-                                  f"--quick: {QUICK['bits']})")
-    p.add_argument("--methods", help=f"comma list of ptq, qat-ste, qat-lsq, and qat (QAT.py's default quantizer "
-                                     f"at each bit width) (default: {FULL['methods']}; --quick: {QUICK['methods']})")
-    p.add_argument("--epochs", type=int, help="QAT epochs for every QAT cell (default: QAT.py's recipe per bit "
-                                              "width; --quick: 1)")
-    p.add_argument("--seeds", type=int, default=1, help="repeat each QAT cell with seeds 0..N-1 (default: %(default)s)")
-    p.add_argument("--quick", action="store_true", help="a small subset in a few minutes, into results/quick/")
-    p.add_argument("--zoo", action="store_true", help="the CIFAR-10 zoo (resnet8, resnet20, mobilenetv2 where ckpt/ has "
+    p = new_parser(__doc__)
+    common = add_group(p, "common flags")
+    add_shared(common, "data_root", "device", details={"device": "passed to every script"})
+    g = add_group(p, "the grid", "each cell runs PTQ.py or QAT.py with their defaults (utils/args.py, "
+                             "utils/recipes.py)")
+    g.add_argument("--datasets", metavar="LIST", help=f"comma list (default: {FULL['datasets']}; --quick: "
+                   f"{QUICK['datasets']})")
+    g.add_argument("--models", metavar="LIST", help=f"comma list (default: {FULL['models']}; --quick: {QUICK['models']})")
+    g.add_argument("--bits", metavar="LIST", help=f"bit widths, '4,6,8' or a range '2-8', within 2..8 (default: {BITS}; "
+                                                  f"--quick: {QUICK['bits']})")
+    g.add_argument("--methods", metavar="LIST", help=f"comma list of ptq, qat-ste, qat-lsq, and qat (QAT.py's default "
+                   f"quantizer at each bit width) (default: {FULL['methods']}; --quick: {QUICK['methods']})")
+    g.add_argument("--epochs", type=int, metavar="N", help="QAT epochs for every QAT cell (default: QAT.py's recipe, "
+                   f"{qat_default('epochs')}; --quick: 1)")
+    g.add_argument("--seeds", type=int, default=1, metavar="N", help="repeat each QAT cell with seeds 0..N-1 "
+                   "(default: %(default)s)")
+    g.add_argument("--quick", action="store_true", help="a small subset in a few minutes, into results/quick/")
+    g.add_argument("--zoo", action="store_true", help="the CIFAR-10 zoo (resnet8, resnet20, mobilenetv2 where ckpt/ has "
                    "them), bits 4,6,8, PTQ and QAT with the default quantizer, into results/zoo/")
-    p.add_argument("--retrain", action="store_true", help="train the float checkpoints with train.py first "
+    g.add_argument("--retrain", action="store_true", help="train the float checkpoints with train.py first "
                                                           "(default: use the shipped ckpt/*.pt)")
-    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
-                   help="cells run at once, each with cores/jobs threads (default: %(default)s, i.e. min(2, cores))")
-    p.add_argument("--force", action="store_true", help="rerun cells already in results.csv")
-    p.add_argument("--stop-after", type=int, default=None, help="start at most this many cells, then stop as if "
-                                                                "interrupted (to test resuming)")
-    p.add_argument("--list", action="store_true", help="print one shell command per pending cell (for a job array or "
-                   "GNU parallel: each runs that cell alone with --cell and appends its row), then exit")
-    p.add_argument("--shard", metavar="I/N", help="run only the cells whose hash falls in shard I of N (I = 0..N-1): "
-                   "N machines sharing --out on one filesystem finish the grid together")
-    p.add_argument("--cell", action="append", metavar="HASH", help="run only the cell with this hash (repeatable; "
-                   "the hashes --list prints)")
-    p.add_argument("--report-only", action="store_true", help="only rewrite RESULTS.md and the plot from results.csv")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda, passed to every script (default: %(default)s)")
-    p.add_argument("--data-root", default=None, help="data directory (default: $QDNN_DATA_ROOT, else datasets/)")
-    p.add_argument("--out", help="directory of results.csv, RESULTS.md, the plot, ptq.csv, qat.csv and ckpt/ "
-                                 "(default: results; --quick: results/quick; --dry-run: a temporary directory)")
-    p.add_argument("--dry-run", action="store_true", help="synthetic data through the scripts' --dry-run (PTQ: random "
-                   "weights; QAT: the shipped ones); writes nothing unless --out is given")
+    run = add_group(p, "output and run control")
+    run.add_argument("--out", metavar="DIR", help="directory of results.csv, RESULTS.md, the plot, ptq.csv, qat.csv "
+                     "and ckpt/ (default: results; --quick: results/quick; --dry-run: a temporary directory)")
+    run.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), metavar="N",
+                     help="cells run at once, each with cores/jobs threads (default: %(default)s, i.e. min(2, cores))")
+    run.add_argument("--force", action="store_true", help="rerun cells already in results.csv")
+    run.add_argument("--stop-after", type=int, default=None, metavar="N", help="start at most this many cells, then "
+                     "stop as if interrupted (to test resuming)")
+    run.add_argument("--list", action="store_true", help="print one shell command per pending cell (for a job array or "
+                     "GNU parallel: each runs that cell alone with --cell and appends its row), then exit")
+    run.add_argument("--shard", metavar="I/N", help="run only the cells whose hash falls in shard I of N (I = 0..N-1): "
+                     "N machines sharing --out on one filesystem finish the grid together")
+    run.add_argument("--cell", action="append", metavar="HASH", help="run only the cell with this hash (repeatable; "
+                     "the hashes --list prints)")
+    run.add_argument("--report-only", action="store_true", help="only rewrite RESULTS.md and the plot from results.csv")
+    add_shared(run, "dry_run", details={"dry_run": "through the scripts' --dry-run (PTQ: random weights; QAT: the "
+                                                   "shipped ones); writes nothing unless --out is given"})
     args = p.parse_args(argv)
     if args.quick and args.zoo:
         raise CLIError("--quick and --zoo are two different grids; pick one")
@@ -172,7 +177,7 @@ def make_cells(args: argparse.Namespace) -> list[Cell]:
         for m in models:
             for b in parse_bits(args.bits):
                 for method in methods:
-                    method = f"qat-{QAT.QAT_RECIPES[b]['quantizer']}" if method == "qat" else method
+                    method = f"qat-{QAT_RECIPES[b]['quantizer']}" if method == "qat" else method
                     for seed in range(1 if method == "ptq" else args.seeds):
                         cells.append(Cell(d, m, b, method, seed))
     return list(dict.fromkeys(cells))
@@ -189,10 +194,10 @@ def cell_settings(cell: Cell, epochs: int | None, dry_run: bool, float_id: str) 
     resolved recipe), without the flags that only say where to run or write, and the float checkpoint."""
     flags = cell.flags(epochs, dry_run)
     if cell.method == "ptq":
-        settings = vars(PTQ.parse_args(flags))
+        settings = vars(ptq_parser().parse_args(flags))
     else:
-        ns = QAT.parse_args(flags)
-        settings = {**vars(ns), **QAT.fill_recipe(ns)}
+        ns = qat_parser().parse_args(flags)
+        settings = {**vars(ns), **fill_qat_recipe(ns)}
     settings = {k: v for k, v in settings.items()
                 if k not in NOT_SETTINGS and not (k in NEUTRAL_SETTINGS and v == NEUTRAL_SETTINGS[k])}
     return {"script": "PTQ.py" if cell.method == "ptq" else "QAT.py", "method": cell.method, **settings,
@@ -283,7 +288,7 @@ class Runner:
         c = run.cell
         head = {"cell": run.cell_hash, "group": run.group, "dataset": c.dataset, "model": c.model, "bits": c.bits,
                 "method": c.method, "quantizer": c.quantizer,
-                "recipe_quantizer": QAT.QAT_RECIPES[c.bits]["quantizer"] if c.quantizer else "",
+                "recipe_quantizer": QAT_RECIPES[c.bits]["quantizer"] if c.quantizer else "",
                 "seed": c.seed, "epochs": res.get("epochs", ""), "float_acc": res["float_acc"],
                 "fq_acc": res["fq_acc"], "int_acc": res["int_acc"], "agreement": res["agreement"],
                 "cell_seconds": round(seconds, 1), "dry_run": self.args.dry_run}

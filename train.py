@@ -17,6 +17,7 @@ import torch
 
 from models import build_model
 from utils import distributed
+from utils.args import train_parser
 from utils.cli import RESUME_HINT, CLIError, check_names, one_line_errors, set_seed
 from utils.io import append_csv_row, load_checkpoint, save_checkpoint, versions
 from utils.pipeline import check_distillation, check_matches, load_teacher, make_ema, make_loaders, make_optimizer
@@ -25,41 +26,7 @@ from utils.training import evaluate, train_epoch
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="fashion_mnist", help="fashion_mnist or cifar10 (default: %(default)s)")
-    p.add_argument("--model", default="cnn", help="cnn or cnn_bn; for cifar10 also resnet8, resnet20, mobilenetv2 "
-                                              "(default: %(default)s)")
-    p.add_argument("--optimizer", help="sgd (Nesterov momentum 0.9) or adamw (default: recipe, sgd)")
-    p.add_argument("--sam-rho", type=float, help="radius of sharpness-aware minimisation steps, 0 = plain "
-                                                  "steps (default: recipe)")
-    p.add_argument("--ema-decay", type=float, help="decay of the weight EMA that is evaluated and saved; "
-                                                    "0 disables (default: recipe)")
-    p.add_argument("--epochs", type=int, help="epochs (default: the data set's recipe: 60 for fashion_mnist, 40 for cifar10)")
-    p.add_argument("--lr", type=float, help="peak learning rate of the one-cycle schedule (default: recipe, 0.05)")
-    p.add_argument("--batch-size", type=int, help="training batch size (default: recipe, 128)")
-    p.add_argument("--weight-decay", type=float, help="SGD weight decay (default: recipe, 5e-4)")
-    p.add_argument("--label-smoothing", type=float, help="cross-entropy label smoothing (default: recipe)")
-    p.add_argument("--augment", help="comma list of crop<P>, flip, erase<P> (random erasing, P%% of images); "
-                                     "'' for none (default: recipe: "
-                                     "crop4,flip for cifar10; none for fashion_mnist cnn, flip for cnn_bn)")
-    p.add_argument("--teacher", help="comma list of float checkpoints of the same data set whose mean logits are "
-                                     "distilled into the model; '' for none (default: recipe)")
-    p.add_argument("--kd-weight", type=float, help="weight of the distillation term, 0..1 (default: recipe)")
-    p.add_argument("--kd-temp", type=float, help="distillation temperature (default: recipe, 4)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
-    p.add_argument("--data-root", default=None, help="data directory (default: $QDNN_DATA_ROOT, else datasets/)")
-    p.add_argument("--out", default=None, help="checkpoint path (default: ckpt/<dataset>_<model>.pt)")
-    p.add_argument("--results", default="results/train.csv",
-                   help="CSV that a finished run appends its row to (default: %(default)s)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint at --out")
-    p.add_argument("--eval-only", action="store_true", help="only evaluate the checkpoint at --out")
-    p.add_argument("--dry-run", action="store_true", help="train on a small synthetic data set (1 epoch unless --epochs); "
-                                                          "saves only if --out is given")
-    p.add_argument("--stop-after", type=int, default=None,
-                   help="stop after this many epochs in this run, as if interrupted (to test --resume)")
-    p.add_argument("--json", action="store_true", help="print the final metrics as one JSON line at the end")
-    return p.parse_args(argv)
+    return train_parser(__doc__).parse_args(argv)  # the flags: utils/args.py
 
 
 def fill_recipe(args: argparse.Namespace) -> dict:

@@ -35,11 +35,11 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import export  # noqa: E402
 from data import Loader, load_split  # noqa: E402
 from models import MODELS  # noqa: E402
-from utils.pipeline import load_float_model  # noqa: E402
+from utils.pipeline import load_export_source, load_float_model  # noqa: E402
 from quant.export_tflite import TFLiteRunner, export_tflite  # noqa: E402
+from utils.args import export_parser  # noqa: E402
 from utils.io import append_csv_row, versions  # noqa: E402
 
 BACKENDS = ("pytorch_fp32", "int_engine", "litert_fp32", "litert_int8", "litert_int8_builtin")
@@ -114,9 +114,9 @@ def main() -> None:
         n = max(args.latency_images, 256 * args.throughput_batches)
         images = next(iter(Loader(test.images[:n], test.labels[:n], dataset, n)))[0]
         for name in (m for m in args.model if m in MODELS[dataset]):
-            eargs = export.parse_args(["--dataset", dataset, "--model", name, "--bits", str(args.bits)]
+            eargs = export_parser().parse_args(["--dataset", dataset, "--model", name, "--bits", str(args.bits)]
                                       + (["--data-root", args.data_root] if args.data_root else []))
-            imodel, source, how = export.load_source(eargs, None)
+            imodel, source, how = load_export_source(eargs, None)
             float_model, _ = load_float_model(eargs)
             shape = tuple(images.shape[1:])
             f32, i8 = export_tflite(float_model, None, shape), export_tflite(imodel, None, shape)

@@ -75,7 +75,7 @@ class Loader:
     comma-separated ops applied per batch, in order: ``crop<P>`` (random crop with P-pixel
     reflect padding), ``flip`` and ``erase<P>`` (random erasing of one rectangle with
     probability P%); "" for none. Shuffling and augmentation use
-    a generator seeded with ``seed + epoch`` (``set_epoch``), so a resumed run
+    a generator seeded with ``seed * 100003 + epoch`` (``set_epoch``), so a resumed run
     sees the same batches as an uninterrupted one. ``shard(rank, world)``: each batch is still drawn
     and augmented whole (the global batch), and this loader yields only its ``rank``-th of ``world``
     equal slices (a distributed run: ``utils.distributed``).

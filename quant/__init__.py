@@ -1,4 +1,4 @@
-"""Quantization that simulates TensorFlow Lite integer numerics exactly (see ../shared/DESIGN.md and
+"""Quantization that simulates TensorFlow Lite integer numerics exactly (see docs/DESIGN.md and
 notes/graph-mode.md). ``float_model`` is any ``nn.Module`` torch.fx can trace (``quant.graph``):
 
     qmodel = quant.quantize(float_model, quant.QuantConfig(weight_bits=8, act_bits=8))
@@ -21,7 +21,7 @@ from quant.fixed_point import multiply_by_quantized_multiplier, quantize_multipl
 from quant.fold import fold_bn
 from quant.graph import model_graph
 from quant.integer import IntModel
-from quant.methods import bias_correction, equalization_pairs, equalize, weighted_layers
+from quant.methods import absorb_high_biases, bias_correction, equalization_pairs, equalize, weighted_layers
 from quant.modules import LSQQuantize
 from quant.ptq import COMPARISON, METHODS, first_last, ptq, ptq_methods
 from quant.sensitivity import greedy_weight_bits, layer_sensitivity
@@ -31,7 +31,7 @@ from quant.qat import (clamp_lsq_, frozen_act_observers, prepare_qat, set_act_ob
 from quant.transforms import calibrate, calibration_mode, convert, quantize, set_fake_quant, set_observers, set_requant
 
 __all__ = [
-    "QuantConfig", "QATConfig", "parse_layer_settings", "AdaRoundConfig", "adaround", "bias_correction", "equalize",
+    "QuantConfig", "QATConfig", "parse_layer_settings", "AdaRoundConfig", "adaround", "bias_correction", "equalize", "absorb_high_biases",
     "equalization_pairs", "weighted_layers", "layer_sensitivity", "greedy_weight_bits", "ptq", "ptq_methods", "METHODS", "COMPARISON", "first_last", "QuantError", "LSQQuantize", "QParams", "IntModel",
     "quantize", "calibrate", "calibration_mode", "convert", "set_fake_quant", "set_observers", "set_requant", "compare",
     "save_quantized", "load_quantized", "save_integer", "load_integer",

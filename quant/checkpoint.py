@@ -18,7 +18,7 @@ from quant.config import QuantConfig
 from quant.errors import QuantError
 from quant.integer import IntModel
 from quant.transforms import float_signature, quantize
-from utils.io import save_checkpoint
+from quant.io import save_checkpoint
 
 FAKEQUANT = "quant.fakequant"
 INTEGER = "quant.integer"

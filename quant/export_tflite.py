@@ -61,7 +61,7 @@ from quant.kernels import (Dequantize, IntAdd, IntAvgPool2d, IntConv2d, IntFlatt
                            QuantizeInput, act_range)
 from quant.qparams import QParams
 from quant.tflm import NHWCRunner, TFLMRunner
-from utils.io import atomic_write_bytes
+from quant.io import atomic_write_bytes
 
 #: interpreter mode (the name of the matching ``IntModel.rounding``) -> LiteRT ``OpResolverType`` member
 MODES = {"ref": "BUILTIN_REF", "builtin": "BUILTIN_WITHOUT_DEFAULT_DELEGATES", "xnnpack": "AUTO"}

@@ -4,7 +4,7 @@ A real multiplier M > 0 is represented as M = M0 * 2^(shift - 31) with M0 an int
 All functions work on int64 torch tensors holding int32 values, vectorised and broadcasting, so
 per-channel M0 / shift are tensors shaped to broadcast against the accumulators.
 
-Which kernel set rounds how (``../shared/DESIGN.md``):
+Which kernel set rounds how (docs/DESIGN.md has the table for every op):
 
 =========  ============================================  ==========================
 mode       conv                                          fully connected

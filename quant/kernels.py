@@ -9,7 +9,8 @@ Weighted layers (conv, depthwise conv, fully connected) compute, per output chan
     acc = sum((q_in - zp_in) * q_w[c]) + bias[c]                       (exact)
     q_out = clamp(requantize(acc, M[c]) + zp_out, act_min, act_max)     (M = s_in * s_w[c] / s_out)
 
-Exact accumulation: the sums are done by a float64 conv / matmul over integer values. With
+Exact accumulation: the sums are done by a float conv / matmul over integer values: float32 where
+every partial sum provably stays below 2^24 (``f32_exact``), else float64. With
 |q_in - zp_in| <= 2^8, |q_w| <= 2^7 and K <= 2^20 terms, every partial sum is an integer below
 2^35 < 2^53, so float64 represents every intermediate exactly (and float64 convolution is
 direct im2col + GEMM, no Winograd/FFT). The int32 range of acc is checked, never wrapped.

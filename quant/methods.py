@@ -15,6 +15,11 @@ work on any model ``quant.quantize`` accepts) and leaving it exact with the inte
   become sqrt(r_A r_B). ReLU(x / s) = ReLU(x) / s for s > 0, so the float model's function does not
   change; depthwise convs take part as B (their channel c) and as A. Iterated over all pairs until
   the scales settle. ReLU6 and other clamps are not scale-invariant, so they end a pair.
+* ``absorb_high_biases`` (same paper, section 4.2; after ``equalize``, whose scaling can leave large
+  biases and so wide activation ranges): for a pair A -> ReLU -> B where A has a fused BN, A's output
+  channel c is taken as N(beta_c, gamma_c^2) and c_c = max(0, beta_c - 3 |gamma_c|) moves from A's bias
+  into B's (B's bias gains sum_k W_B[o, c, k] c_c), so ReLU(y - c) + c = ReLU(y) wherever y >= c; exact
+  up to the rare values below c and the positions where B's zero padding reads no input.
 * ``bias_correction`` (empirical, Nagel et al. 2019): layer by layer in graph order, the mean
   per-channel shift of its pre-activation output, E[float layer(x)] - E[quantized layer(x~)], is
   measured on calibration batches (x: the float model's input to the layer, x~: the quantized model's,
@@ -255,6 +260,32 @@ def equalize(qmodel: nn.Module, iterations: int = 20, tol: float = 1e-3) -> list
         if worst < tol:
             break
     return [(a, b) for a, b in equalization_pairs(qmodel)]
+
+
+@torch.no_grad()
+def absorb_high_biases(qmodel: nn.Module, sigmas: float = 3.0) -> dict[str, float]:
+    """High-bias absorption in place (after ``equalize``, before calibration): see the module docstring.
+    Returns the mean absorbed amount per pair A -> B that absorbed anything ('A->B': mean c)."""
+    gm = _graph(qmodel)
+    absorbed = {}
+    for pa, pb in equalization_pairs(qmodel):
+        a, b = gm.get_submodule(pa), gm.get_submodule(pb)
+        if not isinstance(a, QConvBNReLU) or a.act != RELU or a.bn.bias is None or a.bn.weight is None:
+            continue
+        c = (a.bn.bias - sigmas * a.bn.weight.abs()).clamp_min(0)
+        if not bool((c > 0).any()):
+            continue
+        a.bn.bias.sub_(c)
+        w = b.weight.detach()
+        if _depthwise(b):
+            delta = w.reshape(w.shape[0], -1).sum(1) * c
+        elif isinstance(b, QConv2d):
+            delta = w.sum((2, 3)) @ c
+        else:  # linear after flatten: input channel c holds features [c * HW, (c + 1) * HW)
+            delta = w.reshape(w.shape[0], c.numel(), -1).sum(2) @ c
+        add_to_bias(b, delta)
+        absorbed[f"{pa}->{pb}"] = float(c.mean())
+    return absorbed
 
 
 def _pre_activation(layer: _QWeighted, x: torch.Tensor, quantized: bool) -> torch.Tensor:

@@ -4,7 +4,8 @@
                        methods=("cle", "adaround", "bias_correction"))
     imodel = quant.convert(qmodel)
 
-Order: quantize -> cle (rescales float weights, so before any range is taken) -> calibrate ->
+Order: quantize -> cle (rescales float weights, so before any range is taken) -> bias_absorption (moves
+high biases of equalised pairs into the next layer; needs a BN after the first conv) -> calibrate ->
 adaround (then the activations are calibrated again on the rounded weights) -> bias_correction.
 """
 from __future__ import annotations
@@ -18,11 +19,11 @@ from quant.adaround import AdaRoundConfig, adaround
 from quant.config import QuantConfig
 from quant.errors import QuantError
 from quant.graph import model_graph
-from quant.methods import bias_correction, equalize
+from quant.methods import absorb_high_biases, bias_correction, equalize
 from quant.transforms import calibrate, quantize
 
 #: the PTQ methods by name, in the order they run
-METHODS = ("cle", "adaround", "bias_correction")
+METHODS = ("cle", "bias_absorption", "adaround", "bias_correction")
 #: what PTQ.py --compare runs side by side: (name, QuantConfig fields over the command line's, methods).
 #: "w-mse": weight ranges clipped for least squared error (``weight_range="mse"``) instead of max |w|
 _MSE, _WMSE = {"observer": "mse", "weight_range": "minmax"}, {"observer": "mse", "weight_range": "mse"}
@@ -68,6 +69,8 @@ def ptq(model: nn.Module, cfg: QuantConfig, batches: Iterable[Any], methods: Seq
     qmodel = quantize(model, cfg)
     if "cle" in methods:
         equalize(qmodel)
+    if "bias_absorption" in methods:
+        absorb_high_biases(qmodel)
     calibrate(qmodel, batches, num_batches=cfg.calib_batches, progress=progress)
     if "adaround" in methods:
         adaround(qmodel, batches, adaround_cfg, progress=progress)

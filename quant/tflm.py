@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from quant.errors import QuantError
-from utils.io import atomic_write_bytes
+from quant.io import atomic_write_bytes
 
 TFLM_HINT = "running files with TensorFlow Lite Micro needs the tflite-micro package; pip install tflite-micro"
 #: the arena the runner gives the interpreter (more than any model of this project needs)

@@ -14,6 +14,7 @@ REQUIRED = [pytest.param("fashion_mnist", "cnn", 91.5, id="fashion_mnist-cnn"),
             pytest.param("cifar10", "cnn_bn", 78.0, id="cifar10-cnn_bn")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset,model,required", REQUIRED)
 def test_shipped_checkpoint_accuracy(dataset, model, required):
     path = REPO / "ckpt" / f"{dataset}_{model}.pt"

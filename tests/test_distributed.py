@@ -67,6 +67,7 @@ def _global_bn(rank: int, out: str) -> None:
                 "grads": [p.grad for p in bn.parameters()]}, f"{out}.{rank}")
 
 
+@pytest.mark.slow
 def test_global_batchnorm_equals_batchnorm_over_the_global_batch(tmp_path):
     _spawn(_global_bn, str(tmp_path / "bn"))
     torch.manual_seed(0)
@@ -101,6 +102,7 @@ def _ranges(rank: int, out: str) -> None:
     torch.save({k: v for k, v in qmodel.state_dict().items() if k.endswith(("min_val", "max_val"))}, f"{out}.{rank}")
 
 
+@pytest.mark.slow
 def test_ema_ranges_move_with_the_global_batch(tmp_path):
     _spawn(_ranges, str(tmp_path / "r"))
     torch.manual_seed(1)
@@ -136,6 +138,7 @@ def _same_state(rank: int, out: str) -> None:
         open(f"{out}.{rank}", "w").write(str(e))
 
 
+@pytest.mark.slow
 def test_check_same_state_finds_one_differing_value(tmp_path):
     _spawn(_same_state, str(tmp_path / "s"))
     for r in range(2):
@@ -169,6 +172,7 @@ def _model(path) -> dict:
 # boundary by a whole step, so QAT runs end ~2% of the update apart, 2 processes against 1 as well as 1
 # thread against 2. A real mismatch (per-rank BN statistics or ranges, gradients summed not averaged) is
 # caught by check_same_state or is of the size of the update itself.
+@pytest.mark.slow
 @pytest.mark.parametrize("script,extra,tol", [
     ("train.py", ("--model", "cnn_bn", "--epochs", "2"), 1e-2),
     ("QAT.py", ("--model", "cnn_bn", "--bits", "8", "--quantizer", "lsq", "--lr", "1e-3", "--epochs", "1"), 0.1),
@@ -195,6 +199,7 @@ def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path, script,
     assert _update_error(_model(one), _model(two), start) < tol
 
 
+@pytest.mark.slow
 def test_batch_that_does_not_divide_is_a_one_line_error(tmp_path):
     r = _torchrun("train.py", "--dry-run", "--device", "cpu", "--batch-size", "127", "--out", str(tmp_path / "x.pt"))
     assert r.returncode != 0 and "error: --batch-size 127 is the global batch and must divide among the 2" in r.stderr

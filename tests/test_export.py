@@ -53,6 +53,7 @@ def op_names(data: bytes) -> list[str]:
     return [op["op_name"] for op in TFLiteRunner(data, "ref").interp._get_ops_details()]
 
 
+@pytest.mark.slow
 @needs_litert
 @pytest.mark.parametrize("bits", [8, 6, 4], ids=lambda b: f"w{b}a{b}")
 @pytest.mark.parametrize("model", ["cnn", "cnn_bn"])
@@ -74,6 +75,7 @@ def test_bit_exact_with_every_runtime(fmnist_data, model, bits):
         assert bool(((ours == 2 ** (bits - 1) - 1) | (ours == -2 ** (bits - 1))).any())
 
 
+@pytest.mark.slow
 @needs_litert
 def test_int8_clamped_model_needs_no_clamp_ops_and_is_fully_delegated(fmnist_data):
     calib, x = fmnist_data
@@ -87,6 +89,7 @@ def test_int8_clamped_model_needs_no_clamp_ops_and_is_fully_delegated(fmnist_dat
     assert int(ours.abs().max()) > 8  # the logits leave the 4-bit range: LiteRT's fused clamps are int8
 
 
+@pytest.mark.slow
 @needs_litert
 def test_int8_input_and_resizable_batch(fmnist_data):
     calib, x = fmnist_data
@@ -101,6 +104,7 @@ def test_int8_input_and_resizable_batch(fmnist_data):
     assert torch.equal(runner(q[:1]), full[:1]) and torch.equal(runner(q[2:9]), full[2:9])
 
 
+@pytest.mark.slow
 @needs_litert
 def test_float_file_matches_pytorch_and_int8_file_is_small(fmnist_data, tmp_path):
     calib, x = fmnist_data
@@ -194,6 +198,7 @@ def test_missing_packages_give_install_hints(monkeypatch):
         export_tflite(im, None, (1, 8, 8))
 
 
+@pytest.mark.slow
 def test_cli_without_litert_prints_the_hint_on_one_line(tmp_path):
     block = ("import sys, runpy; sys.modules['ai_edge_litert'] = None; sys.argv = sys.argv[1:]; "
              "runpy.run_path('export.py', run_name='__main__')")
@@ -203,6 +208,7 @@ def test_cli_without_litert_prints_the_hint_on_one_line(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 @needs_litert
 def test_cli_dry_run_verify_json(tmp_path):
     out = tmp_path / "m.tflite"
@@ -216,6 +222,7 @@ def test_cli_dry_run_verify_json(tmp_path):
     assert (tmp_path / "m.c").exists() and "m_tflite_len" in (tmp_path / "m.h").read_text()
 
 
+@pytest.mark.slow
 @needs_litert
 def test_cli_without_tflm_skips_its_column(tmp_path):
     block = ("import sys, runpy; sys.modules['tflite_micro'] = None; sys.argv = sys.argv[1:]; "
@@ -227,6 +234,7 @@ def test_cli_without_tflm_skips_its_column(tmp_path):
     assert set(json.loads(r.stdout.strip().splitlines()[-1])["match"]) == {"ref", "builtin", "xnnpack"}
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(tmp_path):
     r = run_script("export.py", "--from", str(tmp_path / "none.pt"))
     assert r.returncode == 2 and "not found" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import quant
 from quant import QuantConfig, QuantError
 from quant.export_tflite import RUNTIMES, make_runner
-from tests.conftest import randomise_bn
+from tests.conftest import case, randomise_bn
 from tests.graph_models import GRAPH_MODELS
 
 needs_litert = pytest.mark.skipif(importlib.util.find_spec("ai_edge_litert") is None,
@@ -32,9 +32,15 @@ def calibrated(model: nn.Module, shape, bits: int, rounding: str = "ref", seed: 
     return q, torch.cat([x, 4 * x])  # 4x: far outside the calibrated ranges, every clamp is exercised
 
 
-@pytest.mark.parametrize("bits", [8, 4], ids=lambda b: f"w{b}a{b}")
-@pytest.mark.parametrize("name", list(GRAPH_MODELS))
-@pytest.mark.parametrize("rounding", ["ref", "builtin", "xnnpack", "tflm"])
+ROUNDINGS = ["ref", "builtin", "xnnpack", "tflm"]
+#: every rounding x model x bits; the quick subset keeps model i at ROUNDINGS[i % 4] and (8, 4)[i // 4 % 2]:
+#: each model once, each rounding at both bit widths
+ENGINE_CASES = [case(rounding, name, bits, quick=rounding == ROUNDINGS[i % 4] and bits == (8, 4)[i // 4 % 2],
+                     id=f"{rounding}-{name}-w{bits}a{bits}")
+                for rounding in ROUNDINGS for i, name in enumerate(GRAPH_MODELS) for bits in (8, 4)]
+
+
+@pytest.mark.parametrize("rounding,name,bits", ENGINE_CASES)
 def test_fake_quant_equals_integer_engine(name, bits, rounding):
     model, shape = build(name)
     q, x = calibrated(model, shape, bits, rounding)
@@ -58,9 +64,13 @@ def test_sequential_subclass_follows_its_forward():
         assert (quant.convert(q)(x) - ref).abs().max() < 0.25 * ref.abs().max()
 
 
+#: every model x bits; the quick subset keeps model i at (8, 6, 4)[i % 3]: each model once, each width 3 times
+RUNTIME_CASES = [case(name, bits, quick=bits == (8, 6, 4)[i % 3], id=f"{name}-w{bits}a{bits}")
+                 for i, name in enumerate(GRAPH_MODELS) for bits in (8, 6, 4)]
+
+
 @needs_litert
-@pytest.mark.parametrize("bits", [8, 6, 4], ids=lambda b: f"w{b}a{b}")
-@pytest.mark.parametrize("name", list(GRAPH_MODELS))
+@pytest.mark.parametrize("name,bits", RUNTIME_CASES)
 def test_runtimes_equal_engine_every_mode(name, bits):
     """LiteRT in its three kernel sets and TFLM equal the engine with the matching rounding."""
     model, shape = build(name)

@@ -13,7 +13,7 @@ from quant.export_tflite import RUNTIMES, make_runner
 from quant.methods import layer_inputs
 from quant.observers import OBSERVERS, WEIGHT_RANGES, build_observer
 from quant.qparams import fake_quantize
-from tests.conftest import randomise_bn
+from tests.conftest import case, randomise_bn
 from tests.graph_models import GRAPH_MODELS
 
 needs_litert = pytest.mark.skipif(importlib.util.find_spec("ai_edge_litert") is None,
@@ -168,6 +168,41 @@ def test_cle_helps_per_tensor_depthwise():
     assert errs[("cle",)] < errs[()]
 
 
+class HighBias(nn.Module):
+    """conv -> BN (beta far above 3 |gamma|) -> ReLU -> B, B a conv, a depthwise conv or a linear after flatten
+    (no zero padding: absorption is exact where B reads only real inputs)."""
+
+    def __init__(self, b: str) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+        self.b = {"conv": nn.Conv2d(4, 5, 3), "depthwise": nn.Conv2d(4, 4, 3, groups=4),
+                  "linear": nn.Sequential(nn.Flatten(), nn.Linear(4 * 6 * 6, 5))}[b]
+        with torch.no_grad():
+            self.a[0].weight.mul_(0.01)               # A's output: beta + a little, always above beta - 3 |gamma|
+            self.a[1].weight.copy_(torch.tensor([1.0, -0.5, 2.0, 1.0]))
+            self.a[1].bias.copy_(torch.tensor([10.0, 4.0, 1.0, 0.0]))   # c = 7, 2.5, 0, 0
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+@pytest.mark.parametrize("b", ["conv", "depthwise", "linear"])
+def test_high_bias_absorption_moves_bias_past_the_relu_exactly(b):
+    torch.manual_seed(0)
+    model = HighBias(b).eval()
+    x = torch.randn(8, 3, 8, 8)
+    q = quant.quantize(model, QuantConfig())
+    absorbed = quant.absorb_high_biases(q)
+    assert list(absorbed) == ["a.0->b" if b != "linear" else "a.0->b.1"]
+    assert absorbed[next(iter(absorbed))] == pytest.approx((7 + 2.5) / 4)
+    assert torch.allclose(q.get_submodule("a.0").bn.bias, torch.tensor([3.0, 1.5, 1.0, 0.0]))
+    quant.set_fake_quant(q, False)
+    q.eval()
+    with torch.no_grad():
+        assert torch.allclose(q(x), model(x), rtol=1e-5, atol=1e-4)
+        assert q.get_submodule("a.0")(x).amax() < model.a(x).amax() - 6  # A's range shrank by about c
+
+
 def test_bias_correction_lowers_mean_output_error():
     model, shape, batches, x = model_and_data("features_classifier")
     cfg = QuantConfig(weight_bits=3, act_bits=8, per_channel=False)
@@ -207,9 +242,10 @@ METHOD_SETS = [(), ("cle",), ("adaround",), ("bias_correction",), ("cle", "adaro
 
 
 @needs_litert
-@pytest.mark.parametrize("per_channel", [True, False], ids=["per_channel", "per_tensor"])
-@pytest.mark.parametrize("methods", METHOD_SETS, ids=lambda m: "+".join(m) or "none")
-@pytest.mark.parametrize("name", ["seed_style", "resnet"])
+@pytest.mark.parametrize("name,methods,per_channel", [
+    case(name, methods, per_channel, quick=name == "seed_style" and (per_channel or methods == ("cle",)),  # quick: 6
+         id=f"{name}-{'+'.join(methods) or 'none'}-{'per_channel' if per_channel else 'per_tensor'}")
+    for name in ("seed_style", "resnet") for methods in METHOD_SETS for per_channel in (True, False)])
 def test_every_method_stays_exact_with_a_zero_channel(name, methods, per_channel):
     """fake quant == engine == LiteRT (3 kernel sets + TFLM) after the method, with a constant channel."""
     model, shape, batches, x = model_and_data(name)
@@ -257,13 +293,23 @@ def test_per_layer_observer_and_type_pattern():
     assert type(fqs[0].observer).__name__ == "MinMaxObserver" and fqs[0].observer.bits == 8
 
 
+@pytest.mark.slow
 def test_sensitivity_and_greedy_search():
     model, shape, batches, x = model_and_data("resnet")
     q = quant.ptq(model, QuantConfig(weight_bits=4, act_bits=8), batches)
-    rows = quant.layer_sensitivity(q, batches, labelled=[(x, model(x).argmax(1))])
+    labels = model(x).argmax(1)
+    rows = quant.layer_sensitivity(q, batches, labelled=[(x, labels)])
     assert [r["layer"] for r in rows] == [p for p, _ in quant.weighted_layers(q)]
     assert all(r["sqnr_cumulative_db"] <= r["sqnr_alone_db"] + 3 for r in rows[1:])
-    assert all(0 <= r["acc_alone"] <= 100 for r in rows)
+    was_training = q.training
+    for (path, layer), r in zip(quant.weighted_layers(q), rows):  # acc_alone: only that layer's quantizers on
+        quant.set_fake_quant(q, False)
+        layer.weight_quant.enabled = layer.act_quant.enabled = True
+        with torch.no_grad():
+            alone = 100 * (q.eval()(x).argmax(1) == labels).float().mean().item()
+        assert r["acc_alone"] == round(alone, 2) and r["acc_alone"] >= 90, (path, r["acc_alone"], alone)
+    quant.set_fake_quant(q, True)
+    q.train(was_training)
     steps = quant.greedy_weight_bits(q, batches, (8, 6, 4))
     sizes = [s["weight_bytes"] for s in steps]
     assert sizes == sorted(sizes, reverse=True) and len(steps) == 1 + 2 * len(rows)

@@ -120,9 +120,6 @@ def test_after_freeze_eval_equals_integer_engine(quantizer, bits):
     x = _batches(1, seed=9)[0][0]
     with torch.no_grad():
         fq, ref = qmodel(x), imodel(x)
-    lsb = float(qmodel.get_submodule("7").act_quant.qparams().scale)
-    assert torch.equal(fq.argmax(1), ref.argmax(1))
-    assert ((fq - ref).abs() <= lsb * 1.001).float().mean() >= 0.99
     assert torch.equal(fq, ref)  # eval mode simulates the engine's requantization exactly
 
 
@@ -236,6 +233,7 @@ def test_qat_config_errors_are_one_line():
         quant.prepare_qat(quant.quantize(_net(), quant.QuantConfig()), quant.QATConfig())
 
 
+@pytest.mark.slow
 def test_from_scratch_dry_run_json(tmp_path):
     csv_path = tmp_path / "qat.csv"
     r = run_script("QAT.py", "--from-scratch", "--dry-run", "--device", "cpu", "--model", "cnn_bn", "--bits", "4",
@@ -249,6 +247,7 @@ def test_from_scratch_dry_run_json(tmp_path):
     assert csv_path.exists()
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(tmp_path):
     common = ("QAT.py", "--from-scratch", "--dry-run", "--device", "cpu", "--model", "cnn_bn", "--bits", "4",
               "--epochs", "2", "--calib-batches", "2", "--freeze-bn", "1.5", "--freeze-observers", "1.5")
@@ -259,6 +258,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert (tmp_path / "resumed.int.pt").exists() and not list(tmp_path.glob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_missing_checkpoint_names_the_train_command(tmp_path):
     r = run_script("QAT.py", "--dataset", "cifar10", "--model", "cnn", "--bits", "4", "--ckpt", str(tmp_path / "no.pt"))
     assert r.returncode == 2 and "python train.py --dataset cifar10 --model cnn" in r.stderr
@@ -298,6 +298,7 @@ def test_bn_momentum_sets_the_running_statistics_update():
         quant.set_bn_momentum(qmodel, 0.0)
 
 
+@pytest.mark.slow
 def test_distillation_flags_recorded_and_checked(tmp_path):
     import QAT
     from utils import recipes

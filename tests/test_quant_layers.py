@@ -24,9 +24,12 @@ def test_fold_bn_equals_conv_bn_eval():
     conv_nobias = nn.Conv2d(3, 8, 3, bias=False)
     x = torch.randn(4, 3, 10, 10)
     for c in (conv, conv_nobias):
+        before = {k: v.clone() for k, v in (*c.state_dict().items(), *bn.state_dict().items())}
         w, b = fold_bn(c, bn)
+        after = {k: v for k, v in (*c.state_dict().items(), *bn.state_dict().items())}
+        assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)  # pure
+        assert w is not c.weight and w.data_ptr() != c.weight.data_ptr()  # a new tensor, not the conv's
         assert torch.allclose(nn.functional.conv2d(x, w, b), bn(c(x)), atol=1e-5)
-        assert torch.equal(c.weight, c.weight)  # inputs untouched (pure)
 
 
 class Toy(nn.Sequential):
@@ -124,9 +127,11 @@ def test_integer_layer_matches_fake_quant(layer, bits, rounding):
     torch.manual_seed(bits)
     model = _randomise_bn(LAYERS[layer](), seed=bits)
     per_channel = bits % 2 == 0  # both weight modes across the bit widths
-    q = quantize(model, QuantConfig(weight_bits=bits, act_bits=bits, per_channel=per_channel))
+    # the fake-quant model rounds as the runtime does (eval mode, frozen ranges): equal to the engine
+    q = quantize(model, QuantConfig(weight_bits=bits, act_bits=bits, per_channel=per_channel, rounding=rounding))
     calibrate(q, [torch.randn(16, 3, 8, 8) for _ in range(2)])
-    imodel = convert(q, rounding=rounding)
+    imodel = convert(q)
+    assert imodel.rounding == rounding
     x = torch.randn(64, 3, 8, 8) * 1.3  # wider than calibration: exercises the clamps
     with torch.no_grad():
         fq = q(x)
@@ -135,7 +140,7 @@ def test_integer_layer_matches_fake_quant(layer, bits, rounding):
     out_qp = imodel.output_qparams()
     assert q_int.dtype == torch.int32
     assert q_int.min() >= out_qp.qmin and q_int.max() <= out_qp.qmax
-    assert (q_fq - q_int).abs().max() <= 1
+    assert torch.equal(q_fq, q_int)
     assert torch.equal(imodel.forward_int(x, fuse_pool=False), q_int)
     assert torch.equal(imodel(x), (q_int - int(out_qp.zero_point)).float() * out_qp.scale)
 

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-import QAT
+from utils.recipes import COMMON, QAT_RECIPES
 import reproduce
 from reproduce import Cell, cell_settings, parse_bits, settings_hash
 from tests.conftest import run_script
@@ -24,19 +24,20 @@ def test_settings_hash_is_stable_and_order_free():
 def test_cell_settings_follow_recipe_and_checkpoint_not_device(monkeypatch):
     cell = Cell("fashion_mnist", "cnn", 4, "qat-lsq", 0)
     base = cell_settings(cell, None, False, "sha1:aa")
-    assert base["epochs"] == QAT.QAT_RECIPES[4]["epochs"] and base["quantizer"] == "lsq"
+    assert base["epochs"] == QAT_RECIPES[4]["epochs"] and base["quantizer"] == "lsq"
     assert "device" not in base and "out" not in base and "results" not in base
     assert settings_hash(cell_settings(cell, None, False, "sha1:bb")) != settings_hash(base)  # retrained
-    monkeypatch.setitem(QAT.QAT_RECIPES, 4, dict(QAT.QAT_RECIPES[4], lr=0.123))
+    monkeypatch.setitem(QAT_RECIPES, 4, dict(QAT_RECIPES[4], lr=0.123))
     assert settings_hash(cell_settings(cell, None, False, "sha1:aa")) != settings_hash(base)  # recipe changed
     # settings added later are out of the hash at their neutral value (old cells stay cached), in it otherwise
     assert not set(reproduce.NEUTRAL_SETTINGS) & set(base)
-    monkeypatch.setitem(QAT.COMMON, "kd_weight", 0.5)
+    monkeypatch.setitem(COMMON, "kd_weight", 0.5)
     assert cell_settings(cell, None, False, "sha1:aa")["kd_weight"] == 0.5
     ptq = cell_settings(Cell("fashion_mnist", "cnn", 4, "ptq", 0), None, False, "sha1:aa")
     assert ptq["observer"] == "mse" and ptq["script"] == "PTQ.py"
 
 
+@pytest.mark.slow
 def test_parse_bits_and_bad_bits():
     assert parse_bits("2-8") == [2, 3, 4, 5, 6, 7, 8] and parse_bits("8,4, 6") == [4, 6, 8]
     for bad in ("9", "1-4", "x", "4,"):
@@ -49,8 +50,8 @@ def test_parse_bits_and_bad_bits():
 def test_qat_alias_is_the_default_quantizer_per_bits():
     args = reproduce.parse_args(["--quick", "--seeds", "2"])
     cells = reproduce.make_cells(args)
-    expect = [("ptq", 0)] + [(f"qat-{QAT.QAT_RECIPES[4]['quantizer']}", s) for s in (0, 1)]
-    expect += [("ptq", 0)] + [(f"qat-{QAT.QAT_RECIPES[8]['quantizer']}", s) for s in (0, 1)]
+    expect = [("ptq", 0)] + [(f"qat-{QAT_RECIPES[4]['quantizer']}", s) for s in (0, 1)]
+    expect += [("ptq", 0)] + [(f"qat-{QAT_RECIPES[8]['quantizer']}", s) for s in (0, 1)]
     assert [(c.method, c.seed) for c in cells] == expect and args.epochs == 1 and args.out == "results/quick"
 
 
@@ -93,7 +94,7 @@ def test_render_results_md_exact_tables():
 
 
 def test_bn_vs_plain_table_compares_seed_means_of_the_default_quantizer():
-    q6 = QAT.QAT_RECIPES[6]["quantizer"]  # the 6-bit lines use the 6-bit default, whichever it is
+    q6 = QAT_RECIPES[6]["quantizer"]  # the 6-bit lines use the 6-bit default, whichever it is
     rows = [_row("fashion_mnist", "cnn", 4, "qat-lsq", 0, 90.5, group="a"),
             _row("fashion_mnist", "cnn", 4, "qat-lsq", 1, 90.9, group="a"),
             _row("fashion_mnist", "cnn_bn", 4, "qat-lsq", 0, 90.6, group="b"),
@@ -141,6 +142,7 @@ def _pct(text: str) -> float:
     return float(re.fullmatch(r"(\d+\.\d\d)%", text).group(1))
 
 
+@pytest.mark.slow
 def test_dry_run_grid_resumes_and_reports(tmp_path):
     out = tmp_path / "out"
     r = run_script(*GRID, "--out", str(out), "--stop-after", "2", env={"OMP_NUM_THREADS": "1"})
@@ -154,7 +156,8 @@ def test_dry_run_grid_resumes_and_reports(tmp_path):
     assert len({x["cell"] for x in rows}) == 4
     for x in rows:
         assert x["dry_run"] == "True" and x["data_source"] == "synthetic" and x["torch"] and x["git_commit"]
-        assert float(x["cell_seconds"]) > 0 and 0 <= float(x["int_acc"]) <= 100
+        assert float(x["cell_seconds"]) > 0
+        assert float(x["agreement"]) == 100.0 and x["int_acc"] == x["fq_acc"]  # fake quant == engine
     assert len(_csv(out / "ptq.csv")) == 2 and len(_csv(out / "qat.csv")) == 2
     r = run_script(*GRID, "--out", str(out), env={"OMP_NUM_THREADS": "1"})  # everything cached now
     assert r.returncode == 0 and r.stdout.count(": cached") == 4 and "ran 0 cell(s)" in r.stdout
@@ -171,7 +174,7 @@ def test_dry_run_grid_resumes_and_reports(tmp_path):
     for label, method in (("cnn_PTQ", "ptq"), ("cnn_QAT", "qat-lsq")):
         for bits, cell in zip((4, 6, 8), seed_rows[(label,)]):
             ours = cell.split(" / ")[0]
-            shown = bits in (4, 8) and (method == "ptq" or QAT.QAT_RECIPES[bits]["quantizer"] == "lsq")
+            shown = bits in (4, 8) and (method == "ptq" or QAT_RECIPES[bits]["quantizer"] == "lsq")
             assert (ours != "—") == shown, (label, bits, cell)
             if shown:
                 assert _pct(ours) == float(by[(bits, method)]["int_acc"])
@@ -191,6 +194,7 @@ def test_report_tables_drop_rows_of_a_retrained_checkpoint():
     assert not from_shipped(dict(row, float_ckpt="/tmp/other.pt"))
 
 
+@pytest.mark.slow
 def test_shards_and_listed_commands_cover_the_grid_once(tmp_path):
     """Two --shard runs write every cell once and equal a single run; --list prints one command per
     pending cell, and running one of them records exactly that cell."""
@@ -217,6 +221,7 @@ def test_shards_and_listed_commands_cover_the_grid_once(tmp_path):
     assert bad.returncode == 2 and "--shard" in bad.stderr
 
 
+@pytest.mark.slow
 def test_zoo_grid_takes_the_shipped_zoo_models(tmp_path):
     """--zoo: cifar10, bits 4/6/8, PTQ + default QAT, only the zoo models ckpt/ holds (the others named on stderr)."""
     from utils.io import REPO_ROOT

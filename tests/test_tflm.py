@@ -60,6 +60,7 @@ def test_arena_is_the_smallest_that_runs():
         TFLMRunner(data, arena=arena - 1)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc) on this machine")
 def test_c_array_compiles_and_holds_the_file(tmp_path):
     data = quant.export_tflite(fc_model(), None, (64, 1, 1))
@@ -89,6 +90,7 @@ def _pixel_check(dataset: str, images: torch.Tensor, scale: float, zp: int) -> N
     assert torch.equal(q, q_ref)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("observer", ["mse", "minmax"])
 @pytest.mark.parametrize("dataset", ["fashion_mnist", "cifar10"])
 def test_uint8_pixel_map_equals_the_float_path(dataset, observer):

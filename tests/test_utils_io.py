@@ -2,7 +2,11 @@
 import csv
 import multiprocessing as mp
 
+import pytest
+
 from utils.io import append_csv_row
+
+pytestmark = pytest.mark.slow  # both tests start processes (3 spawned writers; git)
 
 
 def _append_many(path: str, worker: int, n: int) -> None:

@@ -11,7 +11,7 @@ import quant
 from models import build_model
 from quant import QuantConfig
 from quant.export_tflite import RUNTIMES, make_runner
-from tests.conftest import randomise_bn, run_script
+from tests.conftest import case, randomise_bn, run_script
 
 ZOO = ["resnet8", "resnet20", "mobilenetv2"]
 #: parameters (the references: MLPerf Tiny's ResNet-8 78k, He et al.'s ResNet-20 0.27M; MobileNetV2 <= 0.7M)
@@ -31,8 +31,8 @@ def test_architecture(name):
         assert len(convs) == (1 + 2 * 3 + 2 if name == "resnet8" else 1 + 2 * 9 + 2)  # stem, blocks, projections
 
 
-@pytest.mark.parametrize("bits", [8, 4], ids=lambda b: f"w{b}a{b}")
-@pytest.mark.parametrize("name", ZOO)
+@pytest.mark.parametrize("name,bits", [case(name, bits, quick=(name, bits) == ("resnet8", 4),  # quick: one case
+                                            id=f"{name}-w{bits}a{bits}") for name in ZOO for bits in (8, 4)])
 def test_pipeline_is_bit_exact_on_random_weights(name, bits):
     torch.manual_seed(0)
     model = randomise_bn(build_model(name, "cifar10"), torch.Generator().manual_seed(1)).eval()
@@ -50,6 +50,7 @@ def test_pipeline_is_bit_exact_on_random_weights(name, bits):
         assert torch.equal(make_runner(data, mode)(x).to(torch.int32), im.forward_int(x)), mode
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ZOO)
 def test_train_and_qat_dry_runs(name, tmp_path):
     r = run_script("train.py", "--dataset", "cifar10", "--model", name, "--dry-run", "--device", "cpu",

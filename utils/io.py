@@ -4,40 +4,16 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import os
 import platform
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
+from quant.io import atomic_write_bytes, save_checkpoint  # noqa: F401  (defined with the package that needs them)
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to a temp file beside ``path``, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def save_checkpoint(obj: dict, path: str | Path) -> None:
-    """torch.save ``obj`` atomically (never leaves a half-written checkpoint)."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def load_checkpoint(path: str | Path, hint: str) -> dict:

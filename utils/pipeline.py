@@ -1,6 +1,7 @@
 """What the scripts share: loading a float checkpoint and checking it matches the model, the data loaders,
-the optimiser and its schedule, the distillation teacher, the QAT model and its freeze schedule, and
-writing a quantized result (integer checkpoint + CSV row)."""
+the optimiser and its schedule, the distillation teacher, the QAT model and its freeze schedule,
+writing a quantized result (integer checkpoint + CSV row), and the model export.py exports
+(load_export_source, shared with bench/inference.py)."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +13,7 @@ import torch
 import quant
 from data import Loader, get_loaders, load_split, synthetic_split
 from models import build_model
-from utils.cli import CLIError, check_names
+from utils.cli import CLIError, check_names, set_seed
 from utils.io import append_csv_row, load_checkpoint
 from utils.training import Ensemble
 
@@ -174,3 +175,45 @@ def build_qat_model(float_model: torch.nn.Module, qcfg: quant.QuantConfig, qat_c
     calib_loader.set_epoch(0)
     quant.calibrate(qmodel, calib_loader, num_batches=qcfg.calib_batches, progress=progress)
     return quant.prepare_qat(qmodel, qat_cfg)
+
+
+def default_ptq_path(args: argparse.Namespace) -> Path:
+    """The PTQ checkpoint PTQ.py writes with its defaults at ``args.bits`` (what export.py exports by default)."""
+    tag = quant.QuantConfig(weight_bits=args.bits, act_bits=args.bits).tag
+    return Path(f"results/ckpt/ptq_{args.dataset}_{args.model}_{tag}_mse.pt")
+
+
+def ptq_on_the_fly(args: argparse.Namespace, calib: Loader) -> quant.IntModel:
+    """The integer model PTQ.py makes with its defaults (mse observer), converted with ``args.clamp``."""
+    cfg = quant.QuantConfig(weight_bits=args.bits, act_bits=args.bits, observer="mse",
+                            calib_batches=args.calib_batches)
+    set_seed(args.seed)
+    model, _ = load_float_model(args)
+    qmodel = quant.quantize(model, cfg)
+    quant.calibrate(qmodel, calib, num_batches=cfg.calib_batches, progress=True)
+    return quant.convert(qmodel, clamp=args.clamp)
+
+
+def load_export_source(args: argparse.Namespace,
+                       calib: Loader | None) -> tuple[quant.IntModel | torch.nn.Module, Path, str]:
+    """The model export.py exports (``args``: utils.args.export_parser's): (model, its source path, how it
+    was obtained). The float checkpoint with --float; else the --from integer checkpoint, or the default
+    PTQ checkpoint where it exists, or PTQ on the fly (``calib``: its calibration loader, made when None)."""
+    if args.float:
+        model, path = load_float_model(args)
+        return model, Path(path), "float checkpoint"
+    path = Path(args.source) if args.source else default_ptq_path(args)
+    if args.source or (path.exists() and args.clamp == "bits" and not args.dry_run):
+        imodel, meta = quant.load_integer(path, build_model(args.model, args.dataset))
+        cfg = imodel.meta.get("config") or {}
+        if args.bits is None:
+            args.bits = cfg.get("act_bits", 8)
+        elif cfg.get("act_bits", args.bits) != args.bits:
+            raise CLIError(f"{path} holds a w{cfg.get('weight_bits')}a{cfg.get('act_bits')} model; pass "
+                           f"--bits {cfg.get('act_bits')} or leave --bits out")
+        return imodel, path, "checkpoint"
+    if calib is None:
+        calib, _ = make_data(args, torch.device("cpu"))
+    if args.clamp == "int8":
+        path = path.with_name(path.stem + "_int8clamp.pt")
+    return ptq_on_the_fly(args, calib), path, "PTQ on the fly (not saved)"

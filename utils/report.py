@@ -274,12 +274,34 @@ def render_inference(results: Path) -> str:
     return "\n".join(lines)
 
 
+def render_distributed(results: Path) -> str:
+    """bench/distributed.py: the latest epoch time per script, model and process count, with the speed-up
+    over one process measured in the same run."""
+    latest = {(r["script"], r["dataset"], r["model"], r["processes"]): r
+              for r in read_rows(results / "distributed_epoch_time.csv")}
+    lines = ["| script | data set | model | processes × threads | device | s / epoch (median) | speed-up vs 1 process |",
+             "|---|---|---|---|---|---|---|"]
+    for (script, ds, model, n), r in sorted(latest.items(), key=lambda kv: (kv[0][0], kv[0][1] != "fashion_mnist",
+                                                                            kv[0][2], int(kv[0][3]))):
+        lines.append(f"| {script} | {DATASET_LABEL[ds]} | {model} | {n} × {r['threads_per_process']} | {r['device']} "
+                     f"| {r['epoch_s']} | {float(r['speedup_vs_1']):.2f}× |")
+    return "\n".join(lines)
+
+
 RENDERERS: dict[str, Callable[[Path], str]] = {"train": render_train, "epoch_time": render_epoch_time,
                                                "ptq": render_ptq, "ptq_methods": render_ptq_methods,
                                                "int_speed": render_int_speed,
                                                "qat": render_qat, "qat_epoch_time": render_qat_epoch_time,
                                                "export": render_export, "inference": render_inference,
-                                               "reproduce": render_reproduce}
+                                               "reproduce": render_reproduce, "distributed": render_distributed}
+
+
+def update_docs(results: Path = REPO_ROOT / "results") -> list[str]:
+    """Regenerate the tables of README.md and of the notes (notes/*.md); returns 'file:block' per table."""
+    done = []
+    for path in [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "notes").glob("*.md"))]:
+        done += [f"{path.relative_to(REPO_ROOT)}:{name}" for name in update_readme(path, results)]
+    return done
 
 
 def update_readme(readme: Path = REPO_ROOT / "README.md", results: Path = REPO_ROOT / "results") -> list[str]:
@@ -291,10 +313,11 @@ def update_readme(readme: Path = REPO_ROOT / "README.md", results: Path = REPO_R
         if pattern.search(text):
             text = pattern.sub(lambda m: m.group(1) + render(results) + "\n" + m.group(2), text)
             done.append(name)
-    atomic_write_bytes(readme, text.encode())
+    if done:
+        atomic_write_bytes(readme, text.encode())
     return done
 
 
 if __name__ == "__main__":
-    print("updated blocks:", ", ".join(update_readme()) or "none")
+    print("updated blocks:", ", ".join(update_docs()) or "none")
     sys.exit(0)
