@@ -126,20 +126,25 @@ class _AllReduceSum(torch.autograd.Function):
 
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics are those of the global batch of a distributed run
-    (PyTorch's SyncBatchNorm does the same on GPUs only). One all-reduce per layer and step of the
-    per-channel count, sum and sum of squares (in float64, so that the one-pass variance loses nothing
-    against a single process's two-pass one); differentiable, so the gradient is the global batch's.
+    (PyTorch's SyncBatchNorm does the same on GPUs only). Each rank takes its slice's per-channel mean and
+    variance (float32, two-pass), one all-reduce gathers every rank's (count, mean, variance), and they are
+    combined in float64 (Chan et al.'s parallel formula, no E[x^2] - E[x]^2 cancellation); differentiable,
+    so the gradient is the global batch's.
     Without a process group, or in eval mode, it is an ordinary BatchNorm2d."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        xd = x.double()
-        count = torch.full((1,), x.numel() / x.shape[1], dtype=torch.float64, device=x.device)
-        stats = _AllReduceSum.apply(torch.cat([count, xd.sum((0, 2, 3)), xd.square().sum((0, 2, 3))]))
-        n, c = stats[0], x.shape[1]
-        mean = stats[1:1 + c] / n
-        var = (stats[1 + c:] / n - mean.square()).clamp_min(0)
+        c, world, rank = x.shape[1], dist.get_world_size(), dist.get_rank()
+        var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)  # this rank's slice, float32, two-pass
+        mine = torch.stack([torch.full_like(mean, x.numel() // c), mean, var]).double()[None]
+        pad = lambda k: mine.new_zeros(k, 3, c)  # noqa: E731
+        rows = _AllReduceSum.apply(torch.cat([pad(rank), mine, pad(world - rank - 1)]))  # every rank's row
+        counts, means, variances = rows[:, 0], rows[:, 1], rows[:, 2]
+        n = counts.sum(0)
+        mean = (counts * means).sum(0) / n                     # Chan et al.: combine the slices' moments
+        var = (counts * (variances + (means - mean).square())).sum(0) / n
+        n = n[0]
         if self.track_running_stats:
             self.num_batches_tracked.add_(1)
             m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum

@@ -15,21 +15,13 @@ from typing import Callable
 
 from utils.cli import format_match
 from utils.io import REPO_ROOT, atomic_write_bytes
-from utils.results_tables import default_quantizer, render_reproduce
-
-DATASET_LABEL = {"fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10"}
-
+from utils.results_tables import DATASET_LABEL, dataset_label, default_quantizer, render_reproduce
 
 def read_rows(path: Path) -> list[dict[str, str]]:
     if not path.exists():
         return []
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
-
-
-def dataset_label(dataset: str, source: str = "") -> str:
-    label = DATASET_LABEL.get(dataset, dataset)
-    return f"{label} (JPEG copy)" if dataset == "cifar10" and source in ("", "jpeg-copy") else label
 
 
 @functools.lru_cache(maxsize=None)

@@ -22,6 +22,13 @@ from pathlib import Path
 
 from utils.io import REPO_ROOT, atomic_write_bytes
 
+DATASET_LABEL = {"fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10"}
+
+
+def dataset_label(dataset: str, source: str = "") -> str:
+    label = DATASET_LABEL.get(dataset, dataset)
+    return f"{label} (JPEG copy)" if dataset == "cifar10" and source in ("", "jpeg-copy") else label
+
 # The seed repository's README, "Experiment Results" (github.com/raywan-110/Quantization-DNNs, README.md at
 # commit 7295f60): test accuracy in %, as its author rounded it. Another stored version of that README
 # (commit 4d122fb) gives 72% for CIFAR-10 CNNs_BN and 55% for CIFAR-10 cnnBN_QAT at 8 bits; 7295f60 is the
@@ -90,7 +97,6 @@ def _seed_fig(value: int | None) -> str:
 
 def dataset_title(dataset: str, runs: dict[Key, list[dict[str, str]]]) -> str:
     """'Fashion-MNIST', 'CIFAR-10 (JPEG copy)' (by the rows' data_source), '... (synthetic data)' for dry runs."""
-    from utils.report import DATASET_LABEL, dataset_label  # here, not at the top: utils.report imports this module
     source = next((rs[-1].get("data_source", "") for k, rs in runs.items() if k[0] == dataset), "")
     if source == "synthetic":
         return f"{DATASET_LABEL.get(dataset, dataset)} (synthetic data)"
