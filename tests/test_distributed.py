@@ -88,13 +88,19 @@ def test_global_batchnorm_equals_batchnorm_over_the_global_batch(tmp_path):
             assert torch.allclose(mine, ref.grad, atol=1e-4)
 
 
-def _ranges(rank: int, out: str) -> None:
+def _ste_model() -> tuple[nn.Module, torch.Tensor]:
+    """A calibrated ste QAT model in train mode and its global batch (each half with its own range)."""
     torch.manual_seed(1)
-    x = torch.randn(8, 3, 4, 4) * torch.arange(1, 9).view(8, 1, 1, 1)  # each half its own range
+    x = torch.randn(8, 3, 4, 4) * torch.arange(1, 9).view(8, 1, 1, 1)
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU())
     qmodel = quant.quantize(model, quant.QuantConfig(weight_bits=8, act_bits=8, observer="minmax"))
     quant.calibrate(qmodel, [(x, None)], num_batches=1)  # same whole batch on every rank
     quant.prepare_qat(qmodel, quant.QATConfig(quantizer="ste", ema_momentum=0.5))
+    return qmodel, x
+
+
+def _ranges(rank: int, out: str) -> None:
+    qmodel, x = _ste_model()
     quant.sync_act_ranges(qmodel, distributed.reduce_range)
     qmodel.train()
     for step in range(3):
@@ -105,12 +111,7 @@ def _ranges(rank: int, out: str) -> None:
 @pytest.mark.slow
 def test_ema_ranges_move_with_the_global_batch(tmp_path):
     _spawn(_ranges, str(tmp_path / "r"))
-    torch.manual_seed(1)
-    x = torch.randn(8, 3, 4, 4) * torch.arange(1, 9).view(8, 1, 1, 1)
-    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU())
-    qmodel = quant.quantize(model, quant.QuantConfig(weight_bits=8, act_bits=8, observer="minmax"))
-    quant.calibrate(qmodel, [(x, None)], num_batches=1)
-    quant.prepare_qat(qmodel, quant.QATConfig(quantizer="ste", ema_momentum=0.5))
+    qmodel, x = _ste_model()
     qmodel.train()
     for step in range(3):
         qmodel(x.roll(step, 0))

@@ -183,7 +183,9 @@ def mean_over_ranks(metrics: dict[str, float], keys: tuple[str, ...], ctx: Dist)
     """``metrics[k]`` averaged over the ranks (equal slices: the global batch's mean)."""
     if not ctx.enabled:
         return metrics
-    t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+    # nccl reduces only CUDA tensors (setup made this rank's GPU the current device); gloo CPU ones
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return {**metrics, **{k: float(v) / ctx.world_size for k, v in zip(keys, t)}}
 
