@@ -7,9 +7,11 @@ Loads ckpt/<dataset>_<model>.pt, quantizes every tensor (input, weights, activat
 quant.quantize, calibrates the activation ranges on training batches, converts to the integer-only
 engine, and evaluates on the test set: float, fake-quant and integer accuracy, and the share of test
 images where fake-quant and integer argmax agree; also the accuracy of fake quantization that rounds
-once per layer (round(y / s_out)) instead of like the runtime. Appends one row to results/ptq.csv and saves the
-integer model to results/ckpt/ptq_<dataset>_<model>_<tag>_<observer>.pt (with --weight-range mse:
-..._<observer>-wmse.pt).
+once per layer (round(y / s_out)) instead of like the runtime. Appends one row to runs/ptq.csv
+(git-ignored; --results-dir results: the tracked table) and saves the integer model to
+results/ckpt/ptq_<dataset>_<model>_<tag>_<observer>.pt (git-ignored; with --weight-range mse:
+..._<observer>-wmse.pt). The quantization defaults are quant.QuantConfig's, so the Python API gives
+the same figures.
 """
 from __future__ import annotations
 
@@ -24,10 +26,10 @@ import torch
 import quant
 from data import Loader
 from quant.adaround import AdaRoundConfig
-from utils.args import ptq_parser
+from utils.args import ptq_parser, results_file
 from utils.cli import CLIError, one_line_errors, resolve_device, set_seed
 from utils.io import append_csv_row, versions
-from utils.pipeline import load_float_model, make_data, print_table, range_suffix, write_outputs
+from utils.pipeline import load_float_model, make_data, print_table, ptq_ckpt_path, write_outputs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,11 +46,6 @@ def quant_config(args: argparse.Namespace, model: torch.nn.Module) -> quant.Quan
                              per_channel=not args.per_tensor, observer=args.observer, weight_range=args.weight_range,
                              percentile=args.percentile, calib_batches=args.calib_batches, rounding=args.rounding,
                              layers=tuple(layers))
-
-
-def method_suffix(cfg: quant.QuantConfig, methods: tuple[str, ...]) -> str:
-    """File-name suffix of the non-default choices: weight range, methods."""
-    return range_suffix(cfg) + "".join(f"-{m}" for m in methods)
 
 
 @one_line_errors
@@ -86,17 +83,17 @@ def main() -> int:
            "seconds": round(time.perf_counter() - t0, 1), "data_source": test.source, "float_ckpt": ckpt_path,
            "device": str(device), **versions()}
     print_table(row)
-    default_out = f"results/ckpt/ptq_{args.dataset}_{args.model}_{cfg.tag}_{cfg.observer}{method_suffix(cfg, methods)}.pt"
-    write_outputs(args, imodel, row, "ptq", Path(args.out or default_out))
+    write_outputs(args, imodel, row, "ptq", Path(args.out) if args.out else ptq_ckpt_path(args.dataset, args.model,
+                                                                                          cfg, methods))
     return 0
 
 
 def compare_methods(args: argparse.Namespace, model: torch.nn.Module, cfg: quant.QuantConfig, calib: Loader,
                     test: Loader, ckpt_path: str, device: torch.device) -> int:
     """PTQ.py --compare: each COMPARE entry from the same float model and calibration data; integer-engine
-    test accuracy and wall time of each, one table, one row each in results/ptq_methods.csv."""
+    test accuracy and wall time of each, one table, one row each in ptq_methods.csv (utils.args.results_file)."""
     import dataclasses
-    rows = []
+    rows, csv_path = [], results_file(args, "ptq_methods.csv")
     float_acc = quant.compare(test, {"float": model})["float_acc"]
     for name, fields, methods in quant.COMPARISON:
         set_seed(args.seed)
@@ -113,8 +110,8 @@ def compare_methods(args: argparse.Namespace, model: torch.nn.Module, cfg: quant
                "device": str(device), **versions()}
         rows.append(row)
         print(f"{name:<36} {acc:6.2f}%  ({acc - float_acc:+.2f})  {seconds:6.1f} s", flush=True)
-        if not args.dry_run or args.results:
-            append_csv_row(args.results or "results/ptq_methods.csv", row)
+        if csv_path is not None:
+            append_csv_row(csv_path, row)
     if args.json:
         print(json.dumps(rows))
     return 0
@@ -148,14 +145,14 @@ def analyze(args: argparse.Namespace, model: torch.nn.Module, cfg: quant.QuantCo
         st["float_acc"] = round(float_acc, 2)
         print(f"  step {i:>2}: {st['weight_bytes'] / 1024:8.2f} KiB  SQNR {st['sqnr_db']:6.2f} dB  "
               f"{st['int_acc']:6.2f}%  " + " ".join(f"{p}:{b}" for p, b in st["bits"].items()), flush=True)
-    plot = Path(f"results/sensitivity_{args.dataset}_{args.model}_{cfg.tag}.png")
-    if not args.dry_run or args.results:
+    plot = results_file(args, f"sensitivity_{args.dataset}_{args.model}_{cfg.tag}.png")
+    if plot is not None:  # None: a dry run without --results-dir
         for r in rows:
-            append_csv_row("results/sensitivity.csv", {**common, **r})
+            append_csv_row(results_file(args, "sensitivity.csv"), {**common, **r})
         for i, st in enumerate(steps):
-            append_csv_row("results/mixed_precision.csv", {**common, "step": i, "weight_bytes": st["weight_bytes"],
-                                                           "sqnr_db": st["sqnr_db"], "int_acc": st["int_acc"],
-                                                           "layer_bits": " ".join(f"{p}:w{b}" for p, b in st["bits"].items())})
+            append_csv_row(results_file(args, "mixed_precision.csv"),
+                           {**common, "step": i, "weight_bytes": st["weight_bytes"], "sqnr_db": st["sqnr_db"],
+                            "int_acc": st["int_acc"], "layer_bits": " ".join(f"{p}:w{b}" for p, b in st["bits"].items())})
         plot_sensitivity(rows, steps, f"{args.dataset}/{args.model} {cfg.tag}", plot)
         print(f"plot: {plot}")
     return 0

@@ -13,8 +13,9 @@ initialisation); quant.prepare_qat (ste: EMA activation ranges + STE; lsq: learn
 the calibrated scales); train the float shadow weights with SGD (Nesterov momentum) and a one-cycle
 schedule, freezing the BatchNorm statistics after --freeze-bn epochs and the activation ranges after
 --freeze-observers epochs; convert to the integer engine; report float, fake-quant and integer
-accuracy and the fq/int argmax agreement. Appends one row to results/qat.csv, saves the QAT
-checkpoint (every epoch, atomically: --resume continues it) and the integer model beside it.
+accuracy and the fq/int argmax agreement. Appends one row to runs/qat.csv (git-ignored; --results-dir
+results: the tracked table), saves the QAT checkpoint (every epoch, atomically: --resume continues it) and
+the integer model beside it.
 
 Defaults per bit width are in QAT_RECIPES (every value can be overridden on the command line);
 with --from-scratch the float training recipe (utils.recipes.model_recipe: epochs, lr, weight decay,

@@ -46,7 +46,7 @@ import quant
 from data import STATS, Loader, synthetic_split
 from quant.export_tflite import MODES, TFLiteRunner, export_tflite, litert, make_runner
 from quant.tflm import pixel_map, tflm_arena_bytes, tflm_available, write_c_array
-from utils.args import export_parser
+from utils.args import export_parser, results_file
 from utils.cli import CLIError, check_names, format_match, one_line_errors
 from utils.io import append_csv_row, versions
 from utils.pipeline import load_export_source, make_data
@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def check_args(args: argparse.Namespace) -> None:
     check_names(args.dataset, args.model)
     if args.bits is None and not args.source:
-        args.bits = 8
+        args.bits = quant.QuantConfig.act_bits
     if args.clamp not in ("bits", "int8"):
         raise CLIError(f"unknown --clamp {args.clamp!r}; use bits or int8")
     if args.clamp == "int8" and args.source:
@@ -181,13 +181,13 @@ def main() -> int:
         if not args.float:
             row["xnnpack_delegated"] = res["delegated"]["xnnpack"]
     row["seconds"] = round(time.perf_counter() - t0, 1)
-    if args.verify and (not args.dry_run or args.results):
+    csv_path = results_file(args, "export_verify.csv")
+    if args.verify and csv_path is not None:
         flat = {k: v for k, v in row.items() if not isinstance(v, dict)}
         for k, v in row.items():
             if isinstance(v, dict):
                 flat.update({f"{k.removesuffix('_by_mode')}_{mode}": v[mode] for mode in v})
-        append_csv_row(args.results or "results/export_verify.csv",
-                       {**flat, "int8_input": args.int8_input, "threads": args.threads, **versions()})
+        append_csv_row(csv_path, {**flat, "int8_input": args.int8_input, "threads": args.threads, **versions()})
     if args.json:
         print(json.dumps(row))
     return 0

@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -53,7 +54,7 @@ ZOO = dict(datasets="cifar10", models=",".join(ZOO_MODELS), bits="4,6,8", method
 FULL = dict(datasets=",".join(DATASETS), models=",".join(MODELS), bits=BITS, methods=",".join(METHODS), epochs=None,
             out="results")
 #: flags of PTQ.py / QAT.py that say where or how to run, not what is computed: left out of a cell's hash
-NOT_SETTINGS = ("device", "data_root", "ckpt", "out", "results", "json", "resume", "stop_after")
+NOT_SETTINGS = ("device", "data_root", "ckpt", "out", "results_dir", "json", "resume", "stop_after")
 #: settings added to QAT.py after cells were cached, at the values that compute what the code did before
 #: they existed: left out of the hash at exactly these values, so those cells stay cached
 NEUTRAL_SETTINGS = {"kd_weight": 0.0, "kd_temp": 1.0, "teacher": "", "bn_momentum": None,
@@ -79,9 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    f"{qat_default('epochs')}; --quick: 1)")
     g.add_argument("--seeds", type=int, default=1, metavar="N", help="repeat each QAT cell with seeds 0..N-1 "
                    "(default: %(default)s)")
-    g.add_argument("--quick", action="store_true", help="a small subset in a few minutes, into results/quick/")
-    g.add_argument("--zoo", action="store_true", help="the CIFAR-10 zoo (resnet8, resnet20, mobilenetv2 where ckpt/ has "
-                   "them), bits 4,6,8, PTQ and QAT with the default quantizer, into results/zoo/")
+    g.add_argument("--quick", action="store_true", help=f"a small subset in a few minutes, into {QUICK['out']}/")
+    g.add_argument("--zoo", action="store_true", help=f"the CIFAR-10 zoo ({', '.join(ZOO_MODELS)} where ckpt/ has "
+                   f"them), bits {ZOO['bits']}, PTQ and QAT with the default quantizer, into {ZOO['out']}/")
     g.add_argument("--retrain", action="store_true", help="train the float checkpoints with train.py first "
                                                           "(default: use the shipped ckpt/*.pt)")
     run = add_group(p, "output and run control")
@@ -226,7 +227,7 @@ def retrain(args: argparse.Namespace, cells: list[Cell], out: Path) -> None:
     """Train the float checkpoint of every (data set, model) in the grid with train.py's default recipe."""
     for d, m in dict.fromkeys((c.dataset, c.model) for c in cells):
         cmd = [sys.executable, "train.py", "--dataset", d, "--model", m, "--device", args.device,
-               "--results", str(out / "train.csv")] + (["--data-root", args.data_root] if args.data_root else [])
+               "--out", f"ckpt/{d}_{m}.pt", "--results-dir", str(out)] + (["--data-root", args.data_root] if args.data_root else [])
         print(f"retraining ckpt/{d}_{m}.pt: {' '.join(cmd[1:])}", flush=True)
         if subprocess.run(cmd, cwd=REPO_ROOT).returncode != 0:
             raise CLIError(f"train.py failed for {d}/{m} (output above); fix it and rerun, or drop --retrain")
@@ -240,7 +241,7 @@ class Run:
     group: str
     float_id: str
     cmd: list[str]
-    scratch_csv: Path
+    scratch_dir: Path
 
 
 class Runner:
@@ -261,9 +262,9 @@ class Runner:
         stem = f"{cell.method}_{cell.dataset}_{cell.model}_w{cell.bits}a{cell.bits}_seed{cell.seed}"
         ckpt = (self.scratch if a.dry_run else self.out / "ckpt") / f"{stem}.pt"
         cmd = [sys.executable, "PTQ.py" if cell.method == "ptq" else "QAT.py", *cell.flags(a.epochs, a.dry_run),
-               "--device", a.device, "--json", "--out", str(ckpt), "--results", str(self.scratch / f"{h}.csv")]
+               "--device", a.device, "--json", "--out", str(ckpt), "--results-dir", str(self.scratch / h)]
         return Run(cell, h, group, float_id, cmd + (["--data-root", a.data_root] if a.data_root else []),
-                   self.scratch / f"{h}.csv")
+                   self.scratch / h)
 
     def execute(self, run: Run) -> tuple[dict | None, str, float]:
         """Run the cell's script; (its JSON row or None, last stderr line, wall seconds)."""
@@ -295,7 +296,7 @@ class Runner:
         row = {**head, **{k: v for k, v in res.items() if k not in head}, "float_ckpt_sha1": run.float_id}
         append_csv_row(self.out / "results.csv", row)
         append_csv_row(self.out / ("ptq.csv" if c.method == "ptq" else "qat.csv"), res)
-        run.scratch_csv.unlink(missing_ok=True)
+        shutil.rmtree(run.scratch_dir, ignore_errors=True)
         return row
 
     def stop(self) -> None:

@@ -1,4 +1,5 @@
-"""Train one of the float CNNs and save a checkpoint.
+"""Train one of the float CNNs and save a checkpoint; a finished run appends its row to runs/train.csv
+(git-ignored; --results-dir results: the tracked table).
 
     python train.py --dataset fashion_mnist --model cnn
     python train.py --dataset cifar10 --model cnn_bn --epochs 40
@@ -17,7 +18,7 @@ import torch
 
 from models import build_model
 from utils import distributed
-from utils.args import train_parser
+from utils.args import RUNS_DIR, results_file, train_parser
 from utils.cli import RESUME_HINT, CLIError, check_names, one_line_errors, set_seed
 from utils.io import append_csv_row, load_checkpoint, save_checkpoint, versions
 from utils.pipeline import check_distillation, check_matches, load_teacher, make_ema, make_loaders, make_optimizer
@@ -63,7 +64,8 @@ def main() -> int:
 
 
 def run(args: argparse.Namespace, cfg: dict, ctx: distributed.Dist, device: torch.device) -> int:
-    out = Path(args.out) if args.out else Path("ckpt") / f"{cfg['dataset']}_{cfg['model']}.pt"
+    name = f"{cfg['dataset']}_{cfg['model']}.pt"  # a new training goes to runs/ (git-ignored), not over ckpt/
+    out = Path(args.out) if args.out else (Path("ckpt") if args.eval_only else Path(RUNS_DIR) / "ckpt") / name
     distributed.check_global_batch(cfg["batch_size"], ctx)
     set_seed(cfg["seed"])
     model = build_model(cfg["model"], cfg["dataset"]).to(device).to(memory_format=torch.channels_last)
@@ -132,13 +134,16 @@ def run(args: argparse.Namespace, cfg: dict, ctx: distributed.Dist, device: torc
                              "scheduler": sched.state_dict(), "config": cfg, "epoch": epoch + 1,
                              "metrics": metrics, "versions": versions()}, out)
     finished = metrics.get("epoch") == cfg["epochs"]
-    if finished and not args.dry_run and ran and ctx.main:
-        append_csv_row(args.results, {**cfg, "test_acc": round(metrics["test_acc"], 2),
-                                      "train_acc": round(metrics["train_acc"], 2),
-                                      "run_seconds": round(time.perf_counter() - t_start, 1),
-                                      "checkpoint": str(out), "data_source": test.source, "device": str(device),
-                                      "processes": ctx.world_size,
-                                      **versions()})
+    csv_path = results_file(args, "train.csv")
+    if finished and csv_path is not None and ran and ctx.main:
+        append_csv_row(csv_path, {**cfg, "test_acc": round(metrics["test_acc"], 2),
+                                  "train_acc": round(metrics["train_acc"], 2),
+                                  "run_seconds": round(time.perf_counter() - t_start, 1),
+                                  "checkpoint": str(out), "data_source": test.source, "device": str(device),
+                                  "processes": ctx.world_size, **versions()})
+    if finished and ran and ctx.main and (not args.dry_run or args.out):
+        print(f"saved {out}; quantize it with: python PTQ.py --dataset {cfg['dataset']} --model {cfg['model']} "
+              f"--ckpt {out}", flush=True)
     if args.json and ctx.main:
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
     return 0

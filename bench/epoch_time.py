@@ -3,6 +3,7 @@
     python bench/epoch_time.py                                  # float epochs, all data sets and models
     python bench/epoch_time.py --methods float ste lsq          # QAT epochs beside float ones, with ratios
     python bench/epoch_time.py --dataset fashion_mnist --model cnn --repeats 1
+    python bench/epoch_time.py --dataset cifar10 --model resnet8 resnet20 mobilenetv2 --methods float ste lsq --steps 40
 
 Each repeat times one full pass of the loader alone (batching, shuffling, augmentation), then one
 full training epoch per method, interleaved (float, ste, lsq, float, ...) so that every method
@@ -12,7 +13,8 @@ Fashion-MNIST: one more forward pass per batch and teacher; skipped where the re
 training step at --bits (fake quantization of every tensor, BatchNorm statistics and activation
 ranges still updating: the dearer phase of a QAT run). Reports medians, and for QAT the ratio of
 the medians to the float epoch of the same model, and appends one row per method to
-results/epoch_time.csv.
+results/epoch_time.csv. ``--steps N`` times the first N batches of each epoch instead of all of them
+(after one untimed warm-up batch) and scales to a full epoch: for the slow zoo models on a CPU.
 """
 from __future__ import annotations
 
@@ -52,6 +54,26 @@ def make_trainee(method: str, name: str, dataset: str, recipe: dict, bits: int, 
     return model, opt, sched, extra
 
 
+class _FirstBatches:
+    """The first ``n`` batches of a loader, behind one untimed warm-up batch (``None``: all batches)."""
+
+    def __init__(self, loader, n: int | None) -> None:
+        self.loader, self.n = loader, n
+
+    def __len__(self) -> int:
+        return len(self.loader) if self.n is None else min(self.n, len(self.loader))
+
+    def __iter__(self):
+        it = iter(self.loader)
+        for i, batch in enumerate(it):
+            if self.n is not None and i >= self.n:
+                return
+            yield batch
+
+    def __getattr__(self, name: str):
+        return getattr(self.loader, name)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=list(MODELS), nargs="*", default=list(MODELS))
@@ -65,8 +87,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed epochs per model and method (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
     p.add_argument("--data-root", default=None)
+    p.add_argument("--steps", type=int, default=None, help="time only the first N batches of each epoch and "
+                   "scale to the full epoch (default: whole epochs)")
     p.add_argument("--out", default="results/epoch_time.csv", help="CSV to append to (default: %(default)s)")
     args = p.parse_args()
+    if args.steps is not None and args.steps < 1:
+        p.error("--steps must be at least 1")
     device = resolve_device(args.device)
     print(f"device {device}, torch threads {torch.get_num_threads()}")
     for dataset in args.dataset:
@@ -87,15 +113,18 @@ def main() -> None:
                 load_s.append(time.perf_counter() - t0)
                 for method, (model, opt, sched, extra) in trainees.items():
                     train.set_epoch(r)
-                    train_s[method].append(train_epoch(model, train, opt, sched, device, desc=f"{dataset}/{name}/{method}",
-                                                       **extra)["seconds"])
+                    part = _FirstBatches(train, args.steps)
+                    if args.steps is not None:  # warm-up: one untimed step (first-call allocations)
+                        train_epoch(model, _FirstBatches(train, 1), opt, sched, device, desc="warm-up", **extra)
+                    s = train_epoch(model, part, opt, sched, device, desc=f"{dataset}/{name}/{method}", **extra)["seconds"]
+                    train_s[method].append(s * len(train) / len(part))
             for method in methods:
                 epoch_s = statistics.median(train_s[method])
                 ratio = epoch_s / statistics.median(train_s["float"]) if "float" in train_s else None
                 row = {"dataset": dataset, "model": name, "device": str(device), "threads": torch.get_num_threads(),
                        "batch_size": train.batch_size, "repeats": args.repeats, "epoch_s": round(epoch_s, 2),
                        "loader_img_per_s": round(n / statistics.median(load_s)),
-                       "train_img_per_s": round(n / epoch_s), "method": method,
+                       "train_img_per_s": round(n / epoch_s), "method": method, "timed_steps": args.steps or "",
                        "bits": args.bits if method in ("ste", "lsq") else "",
                        "ratio_vs_float": round(ratio, 2) if ratio is not None and method != "float" else "",
                        **versions()}

@@ -18,6 +18,11 @@ QAT_QUANTIZERS = ("ste", "lsq", "lsq+")
 class QuantConfig:
     """Settings of one quantized model (serialised into every checkpoint and result row).
 
+    The defaults are the scripts' (PTQ.py's flags take theirs from here, and QAT.py's PTQ start too):
+    8 bits, per-channel conv weights, observer 'mse', weight_range 'minmax', percentile 99.99,
+    ema_momentum 0.9, calib_batches 32, rounding 'ref', no per-layer settings. So
+    ``quant.quantize(model, QuantConfig())`` calibrated on PTQ.py's batches gives PTQ.py's figures.
+
     weight_bits / act_bits: 2..8. Weights are symmetric, narrow range
         [-(2^(b-1)-1), 2^(b-1)-1], zero point 0. Activations (the normalised input and
         every layer output) are asymmetric, signed, [-2^(b-1), 2^(b-1)-1].
@@ -46,7 +51,7 @@ class QuantConfig:
     weight_bits: int = 8
     act_bits: int = 8
     per_channel: bool = True
-    observer: str = "minmax"
+    observer: str = "mse"
     weight_range: str = "minmax"
     ema_momentum: float = 0.9
     calib_batches: int = 32

@@ -17,7 +17,8 @@ graph, one op per integer layer:
       CONV_2D / DEPTHWISE_CONV_2D (per-channel int8, int32 bias, fused RELU / RELU6 / RELU_N1_TO_1;
         a PAD with the zero point first where TFLite's SAME cannot express the padding)
       FULLY_CONNECTED (per-tensor int8), ADD (own output scale), CONCATENATION (shared scale),
-      MAX_POOL_2D / AVERAGE_POOL_2D / RESHAPE [-1, K] (the input's scale), MAXIMUM / MINIMUM (clamps)
+      MAX_POOL_2D / RESHAPE [-1, K] (the input's scale), MAXIMUM / MINIMUM (clamps); average pooling as
+        a DEPTHWISE_CONV_2D with weights 1 at scale 1/n (``IntAvgPool2d``: XNNPACK delegates it)
     -> int8 logits (the engine's ``forward_int``)
 
 with ``int8_input=True`` the file takes the quantized int8 tensor instead (no QUANTIZE). Layout is
@@ -45,7 +46,7 @@ import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,8 +58,8 @@ from quant.fold import fold_bn
 from quant.graph import model_graph
 from quant.integer import IntModel
 from quant.ops import OPS as OP_RULES
-from quant.kernels import (Dequantize, IntAdd, IntAvgPool2d, IntConv2d, IntFlatten, IntLinear, IntReLU,
-                           QuantizeInput, act_range)
+from quant.kernels import (Dequantize, IntAdd, IntAvgPool2d, IntConv2d, IntFlatten, IntLinear, IntLUT, IntReLU,
+                           QuantizeInput, act_range, pool_window)
 from quant.qparams import QParams
 from quant.tflm import NHWCRunner, TFLMRunner
 from quant.io import atomic_write_bytes
@@ -85,6 +86,8 @@ OPS = {
     "RELU": (19, 2, 1),
     "RELU_N1_TO_1": (20, 2, 1),
     "RELU6": (21, 2, 1),
+    "LOGISTIC": (14, 2, 1),
+    "HARD_SWISH": (117, 1, 1),
 }
 
 INT8_MIN, INT8_MAX = -128, 127
@@ -490,10 +493,43 @@ class _Emitter:
         return replace(v, t=y, shape=out_shape)  # max pooling commutes with the pending clamp
 
     def avgpool(self, v: _Val, name: str, layer: IntAvgPool2d) -> _Val:
+        """int8: the DEPTHWISE_CONV_2D of ``IntAvgPool2d.as_conv`` (XNNPACK delegates it, not an int8
+        AVERAGE_POOL_2D); the mean of values within the clamp stays within it, so no clamp is pending."""
         c, h, w = self._image(v, name)
-        k, s = layer.window(h, w)
         v = self.flush(v, name)
-        return self._pool(v, name, "AVERAGE_POOL_2D", k, s)  # the mean of clamped values stays in the clamp
+        out = self.conv(v, _weighted_record(layer.as_conv(c, h, w), name))
+        return replace(out, range=v.range, clamp=v.clamp)
+
+    def float_avgpool(self, v: _Val, name: str, g: Any) -> _Val:
+        a = g.attrs
+        if tuple(a["padding"]) != (0, 0) or a["ceil_mode"] or a.get("divisor_override") is not None:
+            raise QuantError(f"cannot export {name}: AvgPool2d with padding, ceil_mode or divisor_override")
+        c, h, w = self._image(v, name)
+        return self._pool(v, name, "AVERAGE_POOL_2D", *pool_window(a["kernel"], a["stride"], h, w))
+
+    # the entry points of the op records' emitters (``quant.ops``): int8 from a kernel, float from a node
+
+    def conv_int(self, v: _Val, layer: IntConv2d, name: str) -> _Val:
+        return self.conv(v, _weighted_record(layer, name))
+
+    def fc_int(self, v: _Val, layer: IntLinear, name: str) -> _Val:
+        return self.fc(v, _weighted_record(layer, name))
+
+    def conv_float(self, v: _Val, g: Any, name: str) -> _Val:
+        m, act = g.module, g.attrs.get("act")
+        w, b = fold_bn(m, g.attrs["bn"]) if "bn" in g.attrs else (m.weight, m.bias)
+        return self.conv(v, _Layer("conv", name, w.detach().float(), None if b is None else b.detach().float(), act,
+                                   _pair(m.stride), _pair(m.padding), _pair(m.dilation), m.groups))
+
+    def fc_float(self, v: _Val, g: Any, name: str) -> _Val:
+        m = g.module
+        return self.fc(v, _Layer("fc", name, m.weight.detach().float(), None if m.bias is None else
+                                 m.bias.detach().float(), g.attrs.get("act")))
+
+    def maxpool_float(self, v: _Val, g: Any, name: str) -> _Val:
+        a = g.attrs
+        return self.maxpool(v, name, SimpleNamespace(kernel_size=a["kernel"], stride=a["stride"], padding=a["padding"],
+                                                     dilation=a["dilation"], ceil_mode=a["ceil_mode"]))
 
     def flatten(self, v: _Val, name: str) -> _Val:
         if len(v.shape) == 1:
@@ -539,6 +575,16 @@ class _Emitter:
                 t = y
         return replace(v, t=t)
 
+    def elementwise(self, v: _Val, name: str, op: str, layer: IntLUT | None) -> _Val:
+        """LOGISTIC / HARD_SWISH with their own output qparams (``layer`` None: the float file). The
+        kernels clamp to int8; a b-bit output range stays a pending clamp."""
+        qp = None if layer is None else (float(layer.out_scale), layer.out_zp)
+        v = self.flush(v, name) if layer is not None else v
+        y = self._activation(f"{name}/out", v.shape, qp)
+        self.g.op(op, [v.t], [y])
+        out = _Val(y, v.shape, qp, flat_from=v.flat_from)
+        return out if layer is None else replace(out, clamp=(layer.act_min, layer.act_max))
+
     def cat(self, vs: list[_Val], name: str) -> _Val:
         if any(v.qp != vs[0].qp for v in vs):
             raise QuantError(f"cannot export {name}: CONCATENATION inputs with different scales or zero points")
@@ -578,74 +624,42 @@ def _weighted_record(layer: IntConv2d | IntLinear, name: str) -> _Layer:
     return r
 
 
-#: op kind (``quant.ops.OPS``) -> its emitter fn(emitter, kernel, input values, name) -> output value
-EMITTERS: dict[str, Callable[[_Emitter, Any, list[_Val], str], _Val]] = {
-    "conv": lambda em, layer, ins, name: em.conv(ins[0], _weighted_record(layer, name)),
-    "linear": lambda em, layer, ins, name: em.fc(ins[0], _weighted_record(layer, name)),
-    "maxpool": lambda em, layer, ins, name: em.maxpool(ins[0], name, layer),
-    "avgpool": lambda em, layer, ins, name: em.avgpool(ins[0], name, layer),
-    "flatten": lambda em, layer, ins, name: em.flatten(ins[0], name),
-    "add": lambda em, layer, ins, name: em.add(ins[0], ins[1], name, layer),
-    "cat": lambda em, layer, ins, name: em.cat(ins, name),
-    "act": lambda em, layer, ins, name: em.clamp(ins[0], name, layer.lo, layer.hi),
-    "relu": lambda em, layer, ins, name: em.clamp(ins[0], name, layer.zero_point, INT8_MAX),  # IntReLU: older files
-}
-#: integer kernel -> the op kind it belongs to
-KIND_OF = {**{op.kernel: op.kind for op in OP_RULES.values()}, IntReLU: "relu"}
+#: integer kernel -> its op record (``IntReLU``: files converted before stand-alone clamps were IntClamp)
+KERNEL_OP: dict[type, Any] = {**{op.kernel: op for op in OP_RULES.values()},
+                              IntReLU: SimpleNamespace(emit=lambda em, layer, ins, name: em.clamp(
+                                  ins[0], name, layer.zero_point, INT8_MAX))}
 
 
 def _emit_int(em: _Emitter, imodel: IntModel, v0: _Val) -> _Val:
-    """Emit every layer of the integer engine between QuantizeInput and Dequantize; returns the output."""
+    """Emit every layer of the integer engine between QuantizeInput and Dequantize with its op record's
+    emitter (``quant.ops.OPS[kind].emit``); returns the output."""
     vals = {0: v0}
     for i in range(1, len(imodel.layers) - 1):
         layer = imodel.layers[i]
         name = f"layers.{i} ({type(layer).__name__})"
-        emit = EMITTERS.get(KIND_OF.get(type(layer), ""))
-        if emit is None or (isinstance(layer, IntFlatten) and (layer.start_dim, layer.end_dim) != (1, -1)):
+        op = KERNEL_OP.get(type(layer))
+        if op is None or op.emit is None or (isinstance(layer, IntFlatten) and (layer.start_dim, layer.end_dim)
+                                               != (1, -1)):
             raise QuantError(f"cannot export {name}: no TFLite lowering for {type(layer).__name__}")
-        vals[i] = emit(em, layer, [vals[j] for j in imodel.inputs[i]], name)
+        vals[i] = op.emit(em, layer, [vals[j] for j in imodel.inputs[i]], name)
     return vals[imodel.inputs[-1][0]]
 
 
 def _emit_float(em: _Emitter, model: nn.Module, v: _Val) -> _Val:
     """Emit a float model from its normalised graph (``quant.graph.model_graph``: the same tracing,
-    BatchNorm folding with the running statistics and activation fusion as ``quant.quantize``)."""
+    BatchNorm folding with the running statistics and activation fusion as ``quant.quantize``), each
+    node with its op record's float emitter (``quant.ops.OPS[kind].emit_float``)."""
     vals: dict[str, _Val] = {}
     for g in model_graph(copy.deepcopy(model).eval()):
         ins = [vals[i] for i in g.inputs]
-        name, a, act = g.path or g.name, g.attrs, g.attrs.get("act")
         if g.kind == "input":
             vals[g.name] = v
         elif g.kind == "output":
             return ins[0]
-        elif g.kind == "conv":
-            m = g.module
-            w, b = fold_bn(m, a["bn"]) if "bn" in a else (m.weight, m.bias)
-            vals[g.name] = em.conv(ins[0], _Layer("conv", name, w.detach().float(), None if b is None else
-                                                  b.detach().float(), act, _pair(m.stride), _pair(m.padding),
-                                                  _pair(m.dilation), m.groups))
-        elif g.kind == "linear":
-            m = g.module
-            vals[g.name] = em.fc(ins[0], _Layer("fc", name, m.weight.detach().float(),
-                                                None if m.bias is None else m.bias.detach().float(), act))
-        elif g.kind == "maxpool":
-            vals[g.name] = em.maxpool(ins[0], name, SimpleNamespace(kernel_size=a["kernel"], stride=a["stride"],
-                                                                    padding=a["padding"], dilation=a["dilation"],
-                                                                    ceil_mode=a["ceil_mode"]))
-        elif g.kind == "avgpool":
-            if tuple(a["padding"]) != (0, 0) or a["ceil_mode"] or a.get("divisor_override") is not None:
-                raise QuantError(f"cannot export {name}: AvgPool2d with padding, ceil_mode or divisor_override")
-            vals[g.name] = em.avgpool(ins[0], name, IntAvgPool2d(a["kernel"], a["stride"]))
-        elif g.kind == "flatten":
-            vals[g.name] = em.flatten(ins[0], name)
-        elif g.kind == "add":
-            vals[g.name] = em.add(ins[0], ins[1], name, None, act)
-        elif g.kind == "cat":
-            vals[g.name] = em.cat(ins, name)
-        elif g.kind == "act":
-            vals[g.name] = em.float_act(ins[0], name, (a["lo"], a["hi"]))
+        elif g.kind in OP_RULES and OP_RULES[g.kind].emit_float is not None:
+            vals[g.name] = OP_RULES[g.kind].emit_float(em, g, ins, g.path or g.name)
         else:
-            raise QuantError(f"cannot export {name}: no float TFLite lowering for {g.kind}")
+            raise QuantError(f"cannot export {g.path or g.name}: no float TFLite lowering for {g.kind}")
     raise QuantError("the model's graph has no output")
 
 

@@ -6,14 +6,18 @@ per-channel M0 / shift are tensors shaped to broadcast against the accumulators.
 
 Which kernel set rounds how (docs/DESIGN.md has the table for every op):
 
-=========  ============================================  ==========================
-mode       conv                                          fully connected
-=========  ============================================  ==========================
-ref        'gemmlowp': SRDHM, RoundingDivideByPOT        'single': one rounding
-builtin    'ruy': SRDHM, then shift ties toward +inf     'ruy'
-xnnpack    float32: acc * scale, round half to even      same
-tflm       'gemmlowp'                                    'gemmlowp' (LiteRT ref: 'single')
-=========  ============================================  ==========================
+=========  ============================================  ==========================  ==============
+mode       conv                                          fully connected             depthwise conv
+=========  ============================================  ==========================  ==============
+ref        'gemmlowp': SRDHM, RoundingDivideByPOT        'single': one rounding      'gemmlowp'
+builtin    'ruy': SRDHM, then shift ties toward +inf     'ruy'                       'ruy', tail (*)
+xnnpack    float32: acc * scale, round half to even      same                        same
+tflm       'gemmlowp'                                    'gemmlowp' (ref: 'single')  'gemmlowp'
+=========  ============================================  ==========================  ==============
+
+(*) LiteRT's optimized DEPTHWISE_CONV_2D requantizes the output channels of each pixel in blocks of 8
+with the 'ruy' rounding and the last O % 8 channels one by one with 'gemmlowp' (``DWCONV_TAIL``):
+measured per channel with O = 4, 9, 12, 20, 24 (tests/test_quant_kernels.py::test_depthwise_conv_tail).
 
 TensorFlow Lite Micro's fully connected kernel requantizes as its conv does (SRDHM, then a rounding
 shift), where LiteRT's reference fully connected rounds once: on the Fashion-MNIST cnn at 8 bits,
@@ -34,11 +38,14 @@ INT32_MAX = 2 ** 31 - 1
 
 #: interpreter mode -> op kind -> integer rounding of ``multiply_by_quantized_multiplier``
 KERNEL_ROUNDING = {
-    "ref": {"conv": "gemmlowp", "fc": "single"},
-    "builtin": {"conv": "ruy", "fc": "ruy"},
-    "xnnpack": {"conv": "float32", "fc": "float32"},
-    "tflm": {"conv": "gemmlowp", "fc": "gemmlowp"},
+    "ref": {"conv": "gemmlowp", "fc": "single", "dwconv": "gemmlowp"},
+    "builtin": {"conv": "ruy", "fc": "ruy", "dwconv": "ruy"},
+    "xnnpack": {"conv": "float32", "fc": "float32", "dwconv": "float32"},
+    "tflm": {"conv": "gemmlowp", "fc": "gemmlowp", "dwconv": "gemmlowp"},
 }
+
+#: kernel set -> the rounding of a depthwise conv's last O % 8 output channels, where it differs
+DWCONV_TAIL = {"builtin": "gemmlowp"}
 
 
 def quantize_multiplier(real: float) -> tuple[int, int]:
@@ -106,6 +113,30 @@ def rounding_divide_by_pot(x: torch.Tensor, exponent: torch.Tensor | int) -> tor
     remainder = x & mask
     threshold = (mask >> 1) + (x < 0).to(torch.int64)
     return (x >> e) + (remainder > threshold).to(torch.int64)
+
+
+INT16_MIN, INT16_MAX = -(2 ** 15), 2 ** 15 - 1
+
+
+def srdhm16(a: torch.Tensor, b: int) -> torch.Tensor:
+    """gemmlowp ``SaturatingRoundingDoublingHighMul`` on int16 values (held in int64): (a b + nudge) / 2^15,
+    nudge = 2^14 if a b >= 0 else 1 - 2^14, C division; a == b == INT16_MIN saturates."""
+    ab = a * b
+    res = torch.div(ab + torch.where(ab >= 0, 1 << 14, 1 - (1 << 14)), 1 << 15, rounding_mode="trunc")
+    return torch.where((a == INT16_MIN) & (b == INT16_MIN), INT16_MAX, res)
+
+
+def doubling_high_mul16(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """TFLite's ``SaturatingDoublingHighMul`` on int16 values: a b / 2^15 truncated toward zero (no nudge)."""
+    res = torch.div(a * b, 1 << 15, rounding_mode="trunc")
+    return torch.where((a == INT16_MIN) & (b == INT16_MIN), INT16_MAX, res)
+
+
+def multiplier16(real: float) -> tuple[int, int]:
+    """(int16 M0, exponent) as TFLite's hard-swish Prepare: ``QuantizeMultiplier``, then
+    ``DownScaleInt32ToInt16Multiplier``: (M0 + 2^15) >> 16, saturating at INT16_MAX."""
+    m0, exponent = quantize_multiplier(real)
+    return (INT16_MAX if m0 >= INT32_MAX - (1 << 15) else (m0 + (1 << 15)) >> 16), exponent
 
 
 def multiply_by_quantized_multiplier(acc: torch.Tensor, m0: torch.Tensor | int, shift: torch.Tensor | int,

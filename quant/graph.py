@@ -21,6 +21,8 @@ avgpool     nn.AvgPool2d, F.avg_pool2d; nn.AdaptiveAvgPool2d(1), F.adaptive_avg_
             x.mean((2, 3)) / torch.mean (global: ``attrs['kernel'] = None``)
 flatten     nn.Flatten / torch.flatten / x.flatten(1), x.view / x.reshape to (N, -1) or (N, K)
 add         ``+``, torch.add, x.add (two tensors)
+sigmoid     nn.Sigmoid, torch.sigmoid, F.sigmoid, x.sigmoid()
+hardswish   nn.Hardswish, F.hardswish
 cat         torch.cat on the channel axis (dim 1)
 output      the returned tensor (exactly one)
 ==========  ========================================================================================
@@ -135,13 +137,15 @@ class _Unsupported(Exception):
 
 SUPPORTED = ("Conv2d (any stride, dilation, groups, zero padding), BatchNorm2d after a conv, Linear, ReLU, ReLU6, "
              "Hardtanh/clamp, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d(1), mean over (2, 3), Flatten/view/reshape "
-             "to (N, -1), add, cat on dim 1, Dropout, Identity")
+             "to (N, -1), add, cat on dim 1, Sigmoid, Hardswish, Dropout, Identity")
 
 _ACT_MODULES = {nn.ReLU: lambda m: (0.0, INF), nn.ReLU6: lambda m: (0.0, 6.0),
                 nn.Hardtanh: lambda m: (float(m.min_val), float(m.max_val))}
 _PASS_MODULES = (nn.Identity, nn.Dropout, nn.Dropout2d, nn.Dropout1d, nn.AlphaDropout)
-_NOT_YET = {nn.Hardswish: "HARD_SWISH", nn.Sigmoid: "LOGISTIC", F.hardswish: "HARD_SWISH",
-            torch.sigmoid: "LOGISTIC", F.sigmoid: "LOGISTIC"}
+#: spellings without arguments, from the op records (``quant.ops.Op.modules`` / ``functions`` / ``methods``)
+_SPELLED_MODULES = {t: op.kind for op in OPS.values() for t in op.modules}
+_SPELLED_FUNCTIONS = {f: op.kind for op in OPS.values() for f in op.functions}
+_SPELLED_METHODS = {m: op.kind for op in OPS.values() for m in op.methods}
 
 
 def _pool_attrs(kernel: Any, stride: Any, padding: Any, **extra: Any) -> dict[str, Any]:
@@ -251,8 +255,8 @@ class _Normaliser:
             self.flatten(node, x, m.start_dim, m.end_dim)
         elif t in _PASS_MODULES:
             self.vanish(node, x)
-        elif t in _NOT_YET:
-            raise _Unsupported(f"{t.__name__} ({_NOT_YET[t]} in TFLite) is not implemented in the integer engine yet")
+        elif t in _SPELLED_MODULES:
+            self.add(node, _SPELLED_MODULES[t], [x])
         else:
             raise _Unsupported(f"a layer of type {t.__name__}")
 
@@ -305,9 +309,8 @@ class _Normaliser:
             self.shape_nodes.add(node.name)
         elif f is operator.getitem and isinstance(a[0], fx.Node) and a[0].name in self.shape_nodes and a[1] == 0:
             self.shape_nodes.add(node.name)
-        elif f in _NOT_YET:
-            raise _Unsupported(f"{getattr(f, '__name__', f)} ({_NOT_YET[f]} in TFLite) is not implemented in the "
-                               f"integer engine yet")
+        elif f in _SPELLED_FUNCTIONS:
+            self.add(node, _SPELLED_FUNCTIONS[f], [a[0]])
         else:
             raise _Unsupported(f"function {getattr(f, '__name__', f)}")
 
@@ -349,8 +352,8 @@ class _Normaliser:
             self.add(node, "add", [a[0], a[1]])
         elif name == "contiguous":
             self.vanish(node, a[0])
-        elif name in ("sigmoid", "hardswish"):
-            raise _Unsupported(f"x.{name}() is not implemented in the integer engine yet")
+        elif name in _SPELLED_METHODS:
+            self.add(node, _SPELLED_METHODS[name], [a[0]])
         else:
             raise _Unsupported(f"method x.{name}()")
 

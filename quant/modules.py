@@ -22,14 +22,14 @@ Data flow of one weighted layer (``QConv2d``, ``QLinear`` and their fused varian
 ``FakeQuantize.enabled = False`` makes a quantizer the identity; ``observer.frozen = True`` fixes its
 range. Each layer knows the quantizers feeding it (``input_fq`` / ``input_fqs``, references, not
 submodules) to get its input scales. In eval mode, once every range is frozen, layers whose runtime
-rounding differs from round(y / s_out) (weighted layers, ADD, AVERAGE_POOL_2D) compute their output with
+rounding differs from round(y / s_out) (weighted layers, ADD, average pooling) compute their output with
 the integer kernel of ``quant.kernels`` (``requant``: the runtime's rounding), so fake quantization
 equals the integer engine exactly.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -39,8 +39,8 @@ from quant.config import QuantConfig
 from quant.errors import QuantError
 from quant.fixed_point import INT32_MAX, INT32_MIN
 from quant.fold import fold_bn_params
-from quant.kernels import (IntAdd, IntAvgPool2d, IntCat, IntClamp, IntConv2d, IntLayer, IntLinear, IntMaxPool2d,
-                           QuantizeInput, act_range)
+from quant.kernels import (IntAdd, IntAvgPool2d, IntCat, IntClamp, IntConv2d, IntHardSwish, IntLayer, IntLinear,
+                           IntLogistic, IntLUT, IntMaxPool2d, QuantizeInput, act_range)
 from quant.observers import WEIGHT_RANGES, Observer, build_observer
 from quant.qparams import QParams, dequantize, fake_quantize, quantize, round_half_away
 
@@ -112,6 +112,18 @@ class FakeQuantize(nn.Module):
 
     def extra_repr(self) -> str:
         return f"enabled={self.enabled}, dynamic={self.dynamic}{', fixed' if self.fixed else ''}"
+
+
+class FixedQuantize(FakeQuantize):
+    """A quantizer with constant qparams: the range [lo, hi] at ``bits`` is preset and frozen, and
+    ``fixed`` keeps calibration and QAT (``quant.qat.act_quantizers`` skips it) from moving it. LOGISTIC's
+    output: [0, 255/256] at 8 bits is scale 1/256, zero point -128, the only qparams TFLite accepts."""
+
+    def __init__(self, lo: float, hi: float, bits: int = 8) -> None:
+        super().__init__(build_observer("minmax", bits, symmetric=False, narrow=False))
+        self.observer.min_val, self.observer.max_val = torch.tensor(lo), torch.tensor(hi)
+        self.observer.frozen = True
+        self.fixed = True
 
 
 def act_quantizer(cfg: QuantConfig) -> FakeQuantize:
@@ -635,6 +647,45 @@ class QAct(QModule):
         return f"act={self.act}"
 
 
+class _QElementwise(QModule):
+    """An elementwise op with its own output quantizer, computed in integers as a table of its 256 int8
+    inputs (``quant.kernels.IntLUT``): float ``fn``, then the output grid; in eval mode, the table."""
+
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    kernel: type[IntLUT]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._runtime():
+            return self._runtime_output(x)
+        return self.act_quant(type(self).fn(x))
+
+    def int_layer(self, clamp: str = "bits") -> tuple[IntLayer, QParams]:
+        layer = self.kernel(self.input_qparams(), self.act_quant.qparams(), clamp)
+        return layer, layer.out_qparams()
+
+
+class QSigmoid(_QElementwise):
+    """Sigmoid with TFLite LOGISTIC's fixed int8 output (scale 1/256, zero point -128, at every act_bits);
+    in eval mode, the runtime's table (``IntLogistic``)."""
+
+    fn, kernel = torch.sigmoid, IntLogistic
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.act_quant = FixedQuantize(0.0, 255.0 / 256.0)
+
+
+class QHardswish(_QElementwise):
+    """Hardswish x relu6(x + 3) / 6 with its own output quantizer (TFLite HARD_SWISH); in eval mode, the
+    runtime's int16 fixed-point result for each of the 256 inputs (``IntHardSwish``)."""
+
+    fn, kernel = F.hardswish, IntHardSwish
+
+    def __init__(self, cfg: QuantConfig) -> None:
+        super().__init__()
+        self.act_quant = act_quantizer(cfg)
+
+
 class QAdd(QModule):
     """Residual add of two tensors with their own scales (TFLite ADD): float sum, fused activation, own
     output quantizer; in eval mode with frozen ranges, TFLite's integer ADD arithmetic (``IntAdd``)."""
@@ -675,8 +726,8 @@ class QCat(QModule):
 
 class QAvgPool2d(QModule):
     """Average pooling (unpadded windows, or global: ``kernel_size`` None): the mean rounded back onto the
-    input's grid (TFLite AVERAGE_POOL_2D keeps the input's scale and zero point); in eval mode with a
-    frozen range, TFLite's integer rounding of the window sum (``IntAvgPool2d``)."""
+    input's grid (the output keeps the input's scale and zero point); in eval mode with a frozen range,
+    the runtime's integer rounding of the window sum (``IntAvgPool2d``)."""
 
     def __init__(self, kernel_size: tuple[int, int] | None, stride: tuple[int, int] | None = None,
                  padding: Any = 0, ceil_mode: bool = False, count_include_pad: bool = True,
@@ -695,7 +746,8 @@ class QAvgPool2d(QModule):
         return self.input_fq.requantize(y)
 
     def int_layer(self, clamp: str = "bits") -> tuple[IntLayer, QParams]:
-        return IntAvgPool2d(self.kernel_size, self.stride), self.input_qparams()
+        qp = self.input_qparams()
+        return IntAvgPool2d(self.kernel_size, self.stride, qp, clamp), qp
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size or 'global'}, stride={self.stride}"

@@ -29,12 +29,12 @@ from quant.transforms import keep_attr
 
 def act_quantizers(model: nn.Module) -> list[FakeQuantize]:
     """Every activation quantizer (the input's and each layer output's; a shared one once), in
-    execution order."""
+    execution order; not those with constant qparams (``FakeQuantize.fixed``: LOGISTIC's output)."""
     out: dict[int, FakeQuantize] = {}
     for m in model.modules():
         if isinstance(m, QModule):
             for fq in [*m.input_fqs, getattr(m, "act_quant", None)]:
-                if fq is not None:
+                if fq is not None and not fq.fixed:
                     out.setdefault(id(fq), fq)
     return list(out.values())
 
@@ -123,7 +123,7 @@ def _prepare_lsq(model: nn.Module, qcfg: QATConfig) -> None:
     swapped: dict[int, LSQQuantize] = {}
 
     def lsq(fq: FakeQuantize) -> LSQQuantize:
-        if isinstance(fq, LSQQuantize):
+        if isinstance(fq, LSQQuantize) or (fq.fixed and not fq.dynamic):  # constant qparams stay
             return fq
         if id(fq) not in swapped:  # LSQ+: an offset for the asymmetric (activation) quantizers, not weights
             swapped[id(fq)] = LSQQuantize.from_fake_quant(fq, learn_offset=qcfg.quantizer == "lsq+" and not fq.dynamic)

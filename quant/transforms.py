@@ -117,6 +117,14 @@ def quantize(model: nn.Module, cfg: QuantConfig) -> fx.GraphModule:
     nodes = model_graph(copy.deepcopy(model))
     _check_layer_patterns(cfg, nodes)
     group = _groups(nodes)
+    for g in nodes:  # a constant-qparams output (LOGISTIC's) cannot share its quantizer with another producer
+        if g.kind in OPS and OPS[g.kind].qparams == "fixed":
+            shared = [h.name for h in nodes if group[h.name] == group[g.name] and h is not g
+                      and (h.kind == "input" or (h.kind in OPS and OPS[h.kind].qparams in ("own", "fixed")))]
+            if shared:
+                raise QuantError(f"node {g.name!r} ({g.kind}{' at ' + g.where if g.where else ''}) has TFLite's "
+                                 f"fixed output scale and would share it with {shared[0]!r} (a concatenation); "
+                                 f"put a conv between them")
     users: dict[str, list[GNode]] = {}
     for g in nodes:
         for i in g.inputs:
@@ -146,7 +154,7 @@ def quantize(model: nn.Module, cfg: QuantConfig) -> fx.GraphModule:
         if g.kind not in OPS or OPS[g.kind].module is None:
             raise QuantError(f"internal: no fake-quant module for node kind {g.kind!r}")
         m: QModule = OPS[g.kind].module(g, layer_config(cfg, g))
-        if OPS[g.kind].qparams == "own":
+        if OPS[g.kind].qparams in ("own", "fixed"):
             m.act_quant = owner(g, m.act_quant)
         if g.kind == "maxpool":
             src = made.get(g.inputs[0])

@@ -1,6 +1,9 @@
-"""Shared fixtures: real data where present (skip with a reason otherwise), repository paths."""
+"""Shared fixtures and helpers: real data where present (skip with a reason otherwise), repository paths,
+scripts run as processes, the LiteRT guard, and the small models and qparams several test files use (the graph
+test models are in graph_models.py)."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -9,6 +12,8 @@ import pytest
 import torch
 
 from data import DataError, load_split
+from models import build_model
+from quant.qparams import QParams
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -74,3 +79,39 @@ def randomise_bn(model: torch.nn.Module, g: torch.Generator) -> torch.nn.Module:
             m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
             m.bias.data.copy_(torch.rand(m.num_features, generator=g) * 0.4 - 0.2)
     return model.eval()
+
+
+def randomise_bn_seeded(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """``randomise_bn`` with a generator seeded with ``seed``."""
+    return randomise_bn(model, torch.Generator().manual_seed(seed))
+
+
+needs_litert = pytest.mark.skipif(importlib.util.find_spec("ai_edge_litert") is None,
+                                  reason="the LiteRT interpreter is not installed: pip install ai-edge-litert")
+
+
+def qp(scale: float, zp: int) -> QParams:
+    return QParams(torch.tensor(scale, dtype=torch.float32), torch.tensor(zp, dtype=torch.int32), -128, 127)
+
+
+SHAPES = {"fashion_mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+
+
+def synthetic_setup(name: str, dataset: str, seed: int = 1):
+    """Random conv weights, non-trivial BN running stats, and a last layer set (not trained) to a
+    nearest-prototype classifier of 10 random images, so the logits have real margins; returns
+    (model, batch(n) -> (x, y))."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = randomise_bn(build_model(name, dataset), g)
+    protos = torch.randn(10, *SHAPES[dataset], generator=g)
+    with torch.no_grad():
+        feats = model[:-1](protos)
+        feats = feats - feats.mean(0)
+        model[-1].weight.copy_(feats / feats.norm(dim=1, keepdim=True))
+        model[-1].bias.zero_()
+
+    def batch(n):
+        y = torch.randint(0, 10, (n,), generator=g)
+        return protos[y] + 0.1 * torch.randn(n, *SHAPES[dataset], generator=g), y
+    return model, batch

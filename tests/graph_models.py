@@ -1,6 +1,8 @@
 """Models written the way researchers write them (classes with ``forward``), for the graph-mode tests.
 
-Each entry of ``GRAPH_MODELS``: name -> (constructor, input shape (C, H, W)).
+Each entry of ``GRAPH_MODELS``: name -> (constructor, input shape (C, H, W)); ``MODELS`` adds the PTQ methods'
+``DepthwiseReLU``. ``build`` / ``calibrated`` and ``model_and_data``: one of them with random BN statistics,
+calibrated on random data, or with its calibration batches and test images.
 """
 from __future__ import annotations
 
@@ -8,7 +10,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import quant
 from models.resnet import BasicBlock  # conv-BN-ReLU-conv-BN + shortcut (1x1 conv + BN projection), ReLU
+from quant import QuantConfig
+from tests.conftest import randomise_bn
 
 
 class SeedStyle(nn.Module):
@@ -142,6 +147,24 @@ class Dilated(nn.Module):
         return self.fc(F.relu(self.conv2(F.relu(self.conv(x)))).flatten(1))
 
 
+class HardswishSigmoid(nn.Module):
+    """MobileNetV3-style activations: Hardswish after a conv (module form) and after a 1x1 conv
+    (functional form), a sigmoid after a depthwise conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 12, 3, stride=2, padding=1)
+        self.hs = nn.Hardswish()
+        self.dw = nn.Conv2d(12, 12, 3, padding=1, groups=12)
+        self.gate = nn.Sigmoid()
+        self.conv2 = nn.Conv2d(12, 8, 1)
+        self.fc = nn.Linear(8 * 8 * 8, 10)
+
+    def forward(self, x):
+        x = self.gate(self.dw(self.hs(self.conv(x))))
+        return self.fc(F.hardswish(self.conv2(x)).flatten(1))
+
+
 GRAPH_MODELS = {
     "seed_style": (SeedStyle, (1, 28, 28)),
     "sequential_forward": (SequentialWithForward, (1, 28, 28)),
@@ -152,4 +175,45 @@ GRAPH_MODELS = {
     "two_branch_cat": (TwoBranchCat, (3, 16, 16)),
     "stride2_pad1": (stride2_pad1, (1, 28, 28)),
     "dilated": (Dilated, (3, 16, 16)),
+    "hardswish_sigmoid": (HardswishSigmoid, (3, 16, 16)),
 }
+
+
+def build(name: str, seed: int = 0) -> tuple[nn.Module, tuple[int, int, int]]:
+    make, shape = GRAPH_MODELS[name]
+    torch.manual_seed(seed)
+    return randomise_bn(make(), torch.Generator().manual_seed(seed + 1)), shape
+
+
+def calibrated(model: nn.Module, shape, bits: int, rounding: str = "ref", seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = quant.quantize(model, QuantConfig(weight_bits=bits, act_bits=bits, rounding=rounding))
+    quant.calibrate(q, [torch.randn(32, *shape, generator=g) for _ in range(4)])
+    x = torch.randn(64, *shape, generator=g)
+    return q, torch.cat([x, 4 * x])  # 4x: far outside the calibrated ranges, every clamp is exercised
+
+
+class DepthwiseReLU(nn.Module):
+    """conv -> dw -> pw with BN and ReLU (CLE's case: ReLU6 would end every pair)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.dw = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.pw = nn.Sequential(nn.Conv2d(8, 16, 1), nn.ReLU(), nn.MaxPool2d(2))
+        self.fc = nn.Linear(16 * 8 * 8, 10)
+
+    def forward(self, x):
+        return self.fc(self.pw(self.dw(self.conv(x))).flatten(1))
+
+
+MODELS = {**GRAPH_MODELS, "depthwise_relu": (DepthwiseReLU, (3, 16, 16))}
+
+
+def model_and_data(name: str, seed: int = 0):
+    make, shape = MODELS[name]
+    torch.manual_seed(seed)
+    model = randomise_bn(make(), torch.Generator().manual_seed(seed + 1)).eval()
+    g = torch.Generator().manual_seed(seed + 2)
+    batches = [torch.randn(32, *shape, generator=g) for _ in range(4)]
+    return model, shape, batches, torch.randn(64, *shape, generator=g)

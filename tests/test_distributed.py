@@ -184,7 +184,7 @@ def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path, script,
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
     r = run_script(*common, "--out", str(one))
     assert r.returncode == 0, r.stderr
-    r = _torchrun(*common, "--out", str(two), "--results", str(tmp_path / "rows.csv"))
+    r = _torchrun(*common, "--out", str(two), "--results-dir", str(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "x 2 processes" in r.stdout and r.stdout.count("epoch   1/") == 1  # rank 0 alone prints
     if script == "train.py":
@@ -194,7 +194,7 @@ def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path, script,
         start = build_model("cnn_bn", "cifar10").state_dict()  # the scripts' initial weights
     else:
         start = _model(REPO / "ckpt" / "cifar10_cnn_bn.pt")
-        with open(tmp_path / "rows.csv", newline="") as f:
+        with open(tmp_path / "qat.csv", newline="") as f:
             rows = list(csv.DictReader(f))
         assert len(rows) == 1 and rows[0]["processes"] == "2"  # one row, from rank 0
     assert _update_error(_model(one), _model(two), start) < tol

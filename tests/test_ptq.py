@@ -35,7 +35,7 @@ def test_dry_run_json_and_csv(tmp_path, dataset, model):
     csv_path, out = tmp_path / "ptq.csv", tmp_path / "int.pt"
     for bits in (8, 3):
         r = run_script("PTQ.py", "--dataset", dataset, "--model", model, "--bits", str(bits), "--dry-run",
-                       "--device", "cpu", "--calib-batches", "2", "--results", str(csv_path), "--out", str(out),
+                       "--device", "cpu", "--calib-batches", "2", "--results-dir", str(tmp_path), "--out", str(out),
                        "--json")
         assert r.returncode == 0, r.stderr
         row = _last_json(r.stdout)
@@ -66,10 +66,19 @@ def test_bad_bits_is_one_line_error():
 
 @pytest.mark.parametrize("model", ["cnn", "cnn_bn"])
 def test_8bit_ptq_on_shipped_fashion_mnist_checkpoints(tmp_path, model):
+    """Run with no output flag from another directory (standing in for the checkout): the row goes to the
+    git-ignored runs/, never to results/ptq.csv, and the integer model to the place export.py looks first."""
+    import argparse
+
+    from utils.pipeline import default_ptq_path
     real_split("fashion_mnist", "test")  # skips with the reason when the data is absent
-    r = run_script("PTQ.py", "--dataset", "fashion_mnist", "--model", model, "--bits", "8", "--device", "cpu",
-                   "--results", str(tmp_path / "ptq.csv"), "--out", str(tmp_path / "int.pt"), "--json", cwd=REPO)
+    r = run_script(str(REPO / "PTQ.py"), "--dataset", "fashion_mnist", "--model", model, "--bits", "8", "--device",
+                   "cpu", "--ckpt", str(REPO / "ckpt" / f"fashion_mnist_{model}.pt"), "--json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     row = _last_json(r.stdout)
     assert row["fq_acc"] >= row["float_acc"] - 0.3
     assert row["agreement"] == 100.0 and row["fq_acc"] == row["int_acc"]  # eval fake quant == the engine
+    rows = list(csv.DictReader(open(tmp_path / "runs" / "ptq.csv")))
+    assert [float(x["int_acc"]) for x in rows] == [row["int_acc"]] and not (tmp_path / "results" / "ptq.csv").exists()
+    export_default = default_ptq_path(argparse.Namespace(dataset="fashion_mnist", model=model, bits=8))
+    assert row["int_ckpt"] == str(export_default) and (tmp_path / export_default).exists()

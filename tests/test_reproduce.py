@@ -25,7 +25,7 @@ def test_cell_settings_follow_recipe_and_checkpoint_not_device(monkeypatch):
     cell = Cell("fashion_mnist", "cnn", 4, "qat-lsq", 0)
     base = cell_settings(cell, None, False, "sha1:aa")
     assert base["epochs"] == QAT_RECIPES[4]["epochs"] and base["quantizer"] == "lsq"
-    assert "device" not in base and "out" not in base and "results" not in base
+    assert "device" not in base and "out" not in base and "results_dir" not in base
     assert settings_hash(cell_settings(cell, None, False, "sha1:bb")) != settings_hash(base)  # retrained
     monkeypatch.setitem(QAT_RECIPES, 4, dict(QAT_RECIPES[4], lr=0.123))
     assert settings_hash(cell_settings(cell, None, False, "sha1:aa")) != settings_hash(base)  # recipe changed

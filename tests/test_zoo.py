@@ -37,7 +37,7 @@ def test_pipeline_is_bit_exact_on_random_weights(name, bits):
     torch.manual_seed(0)
     model = randomise_bn(build_model(name, "cifar10"), torch.Generator().manual_seed(1)).eval()
     g = torch.Generator().manual_seed(2)
-    q = quant.quantize(model, QuantConfig(weight_bits=bits, act_bits=bits))
+    q = quant.quantize(model, QuantConfig(observer="minmax", weight_bits=bits, act_bits=bits))
     quant.calibrate(q, [torch.randn(16, 3, 32, 32, generator=g) for _ in range(2)])
     x = torch.randn(12, 3, 32, 32, generator=g)
     x = torch.cat([x, 3 * x])
@@ -61,7 +61,7 @@ def test_train_and_qat_dry_runs(name, tmp_path):
     if name == "mobilenetv2":
         return  # from random weights its eval-mode activations collapse to ~1e-10: degenerate scales (notes/tflm.md)
     r = run_script("QAT.py", "--dataset", "cifar10", "--model", name, "--from-scratch", "--dry-run", "--device",
-                   "cpu", "--bits", "4", "--calib-batches", "2", "--results", str(tmp_path / "q.csv"), "--json")
+                   "cpu", "--bits", "4", "--calib-batches", "2", "--results-dir", str(tmp_path), "--json")
     assert r.returncode == 0, r.stderr
     row = json.loads(r.stdout.strip().splitlines()[-1])
     assert row["model"] == name and row["agreement"] == 100.0

@@ -1,12 +1,15 @@
 """The command lines of the scripts: one definition per shared flag, the scripts' parsers, QAT.py's recipe.
 
 Every flag that several scripts take (--dataset, --model, --bits, --data-root, --device, --seed, --json,
---dry-run, and --ckpt, --weight-bits, --act-bits, --per-tensor, --rounding, --calib-batches,
+--dry-run, --results-dir, and --ckpt, --weight-bits, --act-bits, --per-tensor, --rounding, --calib-batches,
 --calib-batch-size, --resume, --stop-after) is defined once in SHARED, with one help text and one
 default; a script that needs another default passes it (``add_shared(..., defaults=...)``), and a
 script-specific remark is appended to the one text (``details``). Help texts that state a recipe
-default are generated from utils/recipes.py (RECIPES, MODEL_RECIPES, QAT_RECIPES, COMMON), so they
-cannot drift from what the scripts use.
+default are generated from utils/recipes.py (RECIPES, MODEL_RECIPES, QAT_RECIPES, COMMON) and the
+quantization defaults are QuantConfig's (quant/config.py), so they cannot drift from what the scripts use.
+
+A run appends its result rows to runs/ (RUNS_DIR, git-ignored) unless --results-dir names another place:
+the tracked tables under results/ change only through reproduce.py or an explicit --results-dir results.
 
 The parsers of train.py, PTQ.py, QAT.py and export.py live here, not in the scripts, so that
 reproduce.py (which hashes PTQ.py's and QAT.py's parsed flags and QAT.py's resolved recipe) and the
@@ -21,9 +24,15 @@ import argparse
 import shutil
 import textwrap
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from utils.recipes import COMMON, MODEL_RECIPES, QAT_RECIPES, RECIPES, model_recipe
+from quant.config import QuantConfig
+from utils.recipes import COMMON, MODEL_RECIPES, ONE_CYCLE, QAT_RECIPES, RECIPES, model_recipe
+
+#: where a run's result rows and plots go without --results-dir (git-ignored, so a user's runs leave the
+#: checkout clean); results/ is what reproduce.py writes and utils.report reads
+RUNS_DIR = "runs"
 
 
 @dataclass(frozen=True)
@@ -34,6 +43,13 @@ class Flag:
     default: Any = None
     default_text: str | None = "%(default)s"
     kwargs: dict = field(default_factory=dict)
+
+
+def _directory(text: str) -> str:
+    """--results-dir: a directory, or a path where one can be made (checked before the run, not after it)."""
+    if Path(text).exists() and not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file; pass a directory (it is made if missing)")
+    return text
 
 
 def _models_text() -> str:
@@ -49,11 +65,10 @@ def _datasets_text() -> str:
 SHARED: dict[str, Flag] = {
     "dataset": Flag(f"data set: {_datasets_text()}", "fashion_mnist", kwargs=dict(metavar="NAME")),
     "model": Flag(f"model of the data set ({_models_text()})", "cnn", kwargs=dict(metavar="NAME")),
-    "bits": Flag("bits of every weight and activation, 2..8", 8, kwargs=dict(type=int, metavar="B")),
+    "bits": Flag("bits of every weight and activation, 2..8", QuantConfig.act_bits, kwargs=dict(type=int, metavar="B")),
     "data_root": Flag("data directory", None, "$QDNN_DATA_ROOT, else datasets/", dict(metavar="DIR")),
     "device": Flag("auto (cuda if available), cpu or cuda", "auto", kwargs=dict(metavar="DEVICE")),
-    "seed": Flag("random seed of the run: initial weights, batch order, calibration batches", 0,
-                 kwargs=dict(type=int, metavar="N")),
+    "seed": Flag("random seed of the run", 0, kwargs=dict(type=int, metavar="N")),
     "json": Flag("print the results as JSON on the last line of the output", False, None,
                  dict(action="store_true")),
     "dry_run": Flag("synthetic data instead of the data set, to check a whole run in seconds", False, None,
@@ -62,14 +77,26 @@ SHARED: dict[str, Flag] = {
     "weight_bits": Flag("bits of the weights", None, "--bits", dict(type=int, metavar="B")),
     "act_bits": Flag("bits of the input and every activation", None, "--bits", dict(type=int, metavar="B")),
     "per_tensor": Flag("one scale per conv weight tensor", False, "per channel", dict(action="store_true")),
-    "rounding": Flag("integer requantization: ref, builtin, xnnpack (LiteRT kernel sets) or tflm", "ref",
-                     kwargs=dict(metavar="MODE")),
-    "calib_batches": Flag("training batches for calibration", 32, kwargs=dict(type=int, metavar="N")),
+    "rounding": Flag("integer requantization: ref, builtin, xnnpack (LiteRT kernel sets) or tflm",
+                     QuantConfig.rounding, kwargs=dict(metavar="MODE")),
+    "calib_batches": Flag("training batches for calibration", QuantConfig.calib_batches,
+                          kwargs=dict(type=int, metavar="N")),
     "calib_batch_size": Flag("images per calibration batch", 256, kwargs=dict(type=int, metavar="N")),
     "resume": Flag("continue from the checkpoint at --out", False, None, dict(action="store_true")),
     "stop_after": Flag("stop after this many epochs in this run, as if interrupted (to test --resume)", None,
                        None, dict(type=int, metavar="N")),
+    "results_dir": Flag("directory of the CSV files the run appends its rows to; pass results to update the tracked "
+                        "tables that python -m utils.report puts into README", None,
+                        f"{RUNS_DIR}/, git-ignored", dict(type=_directory, metavar="DIR")),
 }
+
+
+def results_file(args: argparse.Namespace, name: str) -> Path | None:
+    """Where the run writes its result file ``name`` (e.g. 'ptq.csv'): in --results-dir, else in RUNS_DIR;
+    None for a --dry-run without --results-dir (a dry run writes nothing unless asked)."""
+    if args.results_dir is None and args.dry_run:
+        return None
+    return Path(args.results_dir or RUNS_DIR) / name
 
 
 def _esc(text: str) -> str:
@@ -145,6 +172,12 @@ def train_default(key: str, fmt=_fmt) -> str:
                           for d, r in RECIPES.items()))
 
 
+def schedule_text() -> str:
+    """The learning-rate schedule of every recipe (utils.recipes.ONE_CYCLE, utils.pipeline.one_cycle)."""
+    return _esc(f"one-cycle schedule: per step, linear warm-up from {_fmt(ONE_CYCLE['start'])} x the peak over the "
+                f"first {ONE_CYCLE['warmup']:.0%} of the steps, then linear decay to 0")
+
+
 def dataset_default(key: str) -> str:
     """The data set's float-recipe value of ``key`` (RECIPES, without MODEL_RECIPES)."""
     return _esc(", ".join(f"{d} {_fmt(r[key])}" for d, r in RECIPES.items()))
@@ -165,38 +198,45 @@ def qat_default(key: str) -> str:
 # ---- train.py ----
 
 TRAIN_SWEEP = "results/fmnist_recipe_sweep.csv, notes/training.md"
+AUGMENT = ("comma list applied to each training batch in order: crop<P> (random crop of the P-pixel reflect-padded "
+           "image), flip (left-right, half the images), erase<P> (one random rectangle zeroed in P%% of the images); "
+           "'' for none")
 
 
 def train_parser(description: str | None = None) -> argparse.ArgumentParser:
     p = new_parser(description)
     common = add_group(p, "common flags")
-    add_shared(common, "dataset", "model", "data_root", "device", "seed")
+    add_shared(common, "dataset", "model", "data_root", "device", "seed",
+               details={"seed": "initial weights, order and augmentation of the training batches"})
     rec = add_group(p, "training recipe", "a flag left out takes the recipe of --dataset and --model "
                                "(RECIPES and MODEL_RECIPES in utils/recipes.py)")
-    rec.add_argument("--optimizer", metavar="NAME", help=f"sgd (Nesterov momentum 0.9) or adamw (default: {train_default('optimizer')})")
+    rec.add_argument("--optimizer", metavar="NAME", help=f"sgd (Nesterov momentum {train_default('momentum')}) or adamw "
+                     f"(default: {train_default('optimizer')})")
     rec.add_argument("--epochs", type=int, metavar="N", help=f"epochs (default: {train_default('epochs')})")
-    rec.add_argument("--lr", type=float, help="peak learning rate of the one-cycle schedule "
+    rec.add_argument("--lr", type=float, help=f"peak learning rate of the {schedule_text()} "
                      f"(default: {train_default('lr')})")
     rec.add_argument("--batch-size", type=int, metavar="N", help=f"training batch size (default: {train_default('batch_size')})")
     rec.add_argument("--weight-decay", type=float, metavar="WD",
-                     help=f"weight decay (default: {train_default('weight_decay')})")
+                     help=f"weight decay of the weights, not of biases and BN parameters (default: "
+                          f"{train_default('weight_decay')})")
     rec.add_argument("--label-smoothing", type=float, metavar="EPS",
                      help=f"cross-entropy label smoothing (default: {train_default('label_smoothing')})")
-    rec.add_argument("--augment", metavar="LIST", help="comma list of crop<P>, flip, erase<P>; '' for none. erase<P> "
-                     "(random erasing in P%% of the images) was tried on Fashion-MNIST and is in no default recipe "
-                     f"({TRAIN_SWEEP}) (default: {train_default('augment')})")
+    rec.add_argument("--augment", metavar="LIST", help=f"{AUGMENT}; erase<P> was tried on Fashion-MNIST and is in no "
+                     f"default recipe ({TRAIN_SWEEP}) (default: {train_default('augment')})")
     rec.add_argument("--teacher", metavar="FILES", help="comma list of float checkpoints of the same data set whose "
                      f"mean logits are distilled into the model; '' for none (default: {train_default('teacher', _files)})")
     rec.add_argument("--kd-weight", type=float, metavar="W", help="weight of the distillation term, 0..1 "
                      f"(default: {train_default('kd_weight')})")
     rec.add_argument("--kd-temp", type=float, metavar="T", help=f"distillation temperature (default: {train_default('kd_temp')})")
     run = add_group(p, "output and run control")
-    run.add_argument("--out", default=None, metavar="FILE", help="checkpoint path (default: ckpt/<dataset>_<model>.pt)")
-    run.add_argument("--results", default="results/train.csv", metavar="CSV",
-                     help="CSV that a finished run appends its row to (default: %(default)s)")
+    run.add_argument("--out", default=None, metavar="FILE", help=f"checkpoint path (default: {RUNS_DIR}/ckpt/<dataset>_"
+                     f"<model>.pt, git-ignored; with --eval-only: the shipped ckpt/<dataset>_<model>.pt; "
+                     f"reproduce.py --retrain writes ckpt/)")
+    add_shared(run, "results_dir", details={"results_dir": "a finished run's row goes to DIR/train.csv"})
     add_shared(run, "resume")
     run.add_argument("--eval-only", action="store_true", help="only evaluate the checkpoint at --out")
-    add_shared(run, "dry_run", details={"dry_run": "1 epoch unless --epochs; saves only if --out is given"})
+    add_shared(run, "dry_run", details={"dry_run": "1 epoch unless --epochs; writes only where --out / --results-dir "
+                                                   "name a place"})
     add_shared(run, "stop_after")
     add_shared(run, "json")
     exp = add_group(p, "experimental", "off by default: measured without a gain over the default recipe")
@@ -216,16 +256,19 @@ def ptq_parser(description: str | None = None) -> argparse.ArgumentParser:
     from quant.config import LAYER_FIELDS
     p = new_parser(description)
     common = add_group(p, "common flags")
-    add_shared(common, "dataset", "model", "bits", "data_root", "device", "seed")
+    add_shared(common, "dataset", "model", "bits", "data_root", "device", "seed",
+               details={"seed": "the calibration batches (and the random weights of --dry-run)"})
     q = add_group(p, "quantization settings")
     add_shared(q, "weight_bits", "act_bits", "per_tensor")
-    q.add_argument("--observer", default="mse", metavar="NAME", help="activation calibrator: mse (clipped for least "
-                   "squared error), minmax, ema, percentile (--percentile) or entropy (least KL divergence) "
+    q.add_argument("--observer", default=QuantConfig.observer, metavar="NAME", help="activation calibrator: mse "
+                   "(clipped for least squared error), minmax, ema (moving average, momentum "
+                   f"{QuantConfig.ema_momentum}), percentile (--percentile) or entropy (least KL divergence) "
                    "(default: %(default)s)")
-    q.add_argument("--weight-range", default="minmax", metavar="NAME", help="weight range per channel: minmax "
-                   "(max |w|), mse (clipped for least squared error) or percentile (of |w|) (default: %(default)s)")
-    q.add_argument("--percentile", type=float, default=99.99, metavar="P", help="percentile of the percentile "
-                   "calibrators (default: %(default)s)")
+    q.add_argument("--weight-range", default=QuantConfig.weight_range, metavar="NAME", help="weight range per channel "
+                   "(per tensor with --per-tensor): minmax (max |w|), mse (clipped for least squared error) or percentile "
+                   "(of |w|) (default: %(default)s)")
+    q.add_argument("--percentile", type=float, default=QuantConfig.percentile, metavar="P", help="percentile of the "
+                   "percentile calibrators (default: %(default)s)")
     q.add_argument("--method", dest="methods", default="", metavar="LIST", help="comma list of PTQ methods: cle "
                    "(cross-layer equalisation), bias_absorption (after cle: high biases of conv+BN+ReLU pairs move "
                    "into the next layer), adaround (learned rounding), bias_correction (default: none)")
@@ -240,19 +283,20 @@ def ptq_parser(description: str | None = None) -> argparse.ArgumentParser:
     add_shared(q, "calib_batches", "calib_batch_size", "rounding")
     a = add_group(p, "analysis (instead of one quantized model)")
     a.add_argument("--compare", action="store_true", help="run the calibrators and methods of quant.COMPARISON side by "
-                   "side at these bits, print the table and append the rows to results/ptq_methods.csv")
+                   "side at these bits, print the table and append the rows to ptq_methods.csv in --results-dir")
     a.add_argument("--analyze", action="store_true", help="after quantizing: each layer's logit SQNR (alone, "
                    "cumulative) and accuracy alone, then a greedy search over per-layer weight bits (--search-bits); "
-                   "rows to results/sensitivity.csv and results/mixed_precision.csv, plot results/sensitivity_*.png")
+                   "rows to sensitivity.csv and mixed_precision.csv in --results-dir, plot sensitivity_*.png beside them")
     a.add_argument("--search-bits", default="8,6,4", metavar="LIST", help="weight bit widths the --analyze search "
                    "may give a layer (default: %(default)s)")
     run = add_group(p, "output and run control")
     add_shared(run, "ckpt")
-    run.add_argument("--out", default=None, metavar="FILE", help="integer model checkpoint "
-                     "(default: results/ckpt/ptq_<dataset>_<model>_<tag>_<observer>.pt)")
-    run.add_argument("--results", default=None, metavar="CSV", help="CSV to append the row to (default: results/ptq.csv)")
-    add_shared(run, "dry_run", "json", details={"dry_run": "random weights; writes nothing unless --out/--results "
-                                                           "are given"})
+    run.add_argument("--out", default=None, metavar="FILE", help="integer model checkpoint (default: "
+                     "results/ckpt/ptq_<dataset>_<model>_<tag>_<observer>[-w<weight range>][-<method>...].pt, "
+                     "git-ignored; the weight range only where not minmax)")
+    add_shared(run, "results_dir", details={"results_dir": "the row goes to DIR/ptq.csv"})
+    add_shared(run, "dry_run", "json", details={"dry_run": "random weights; writes nothing unless --out / "
+                                                           "--results-dir are given"})
     return p
 
 
@@ -265,14 +309,16 @@ def qat_parser(description: str | None = None) -> argparse.ArgumentParser:
     p = new_parser(description)
     common = add_group(p, "common flags")
     add_shared(common, "dataset", "model", "bits", "data_root", "device", "seed",
-               details={"bits": "also picks the recipe, QAT_RECIPES[bits]"})
+               details={"bits": "also picks the recipe, QAT_RECIPES[bits]",
+                        "seed": "the calibration batches, order and augmentation of the training batches (and the "
+                                "initial weights with --from-scratch)"})
     q = add_group(p, "quantization settings")
     add_shared(q, "weight_bits", "act_bits")
     q.add_argument("--quantizer", choices=("ste", "lsq", "lsq+"), help="ste (EMA ranges + straight-through), lsq "
                    "(learned step sizes) or lsq+ (lsq with learned activation offsets) "
                    f"(default: {qat_default('quantizer')})")
-    q.add_argument("--observer", metavar="NAME", help="calibration (PTQ init) observer: mse, minmax or ema "
-                   f"(default: {qat_default('observer')})")
+    q.add_argument("--observer", metavar="NAME", help="calibrator of the PTQ start, as PTQ.py's --observer "
+                   f"(default: {qat_default('observer')}, PTQ.py's)")
     add_shared(q, "calib_batches", "rounding", "per_tensor", defaults={"calib_batches": None},
                default_texts={"calib_batches": qat_default("calib_batches")})
     rec = add_group(p, "training recipe", "a flag left out takes QAT_RECIPES[--bits] and COMMON "
@@ -282,8 +328,9 @@ def qat_parser(description: str | None = None) -> argparse.ArgumentParser:
     kd = qat_default("kd_weight")
     rec.add_argument("--epochs", type=int, metavar="N", help=f"QAT epochs (default: {qat_default('epochs')}"
                      + scratch.format(train_default("epochs")) + ")")
-    rec.add_argument("--lr", type=float, help="peak learning rate of the one-cycle schedule (default: "
-                     f"{qat_default('lr')}" + scratch.format(train_default("lr")) + ")")
+    rec.add_argument("--lr", type=float, help=f"peak learning rate of {qat_default('optimizer')} (Nesterov momentum "
+                     f"{qat_default('momentum')}) with the {schedule_text()} (default: {qat_default('lr')}"
+                     + scratch.format(train_default("lr")) + ")")
     rec.add_argument("--weight-decay", type=float, metavar="WD", help="SGD weight decay (default: "
                      f"{qat_default('weight_decay')}" + scratch.format(train_default("weight_decay")) + ")")
     rec.add_argument("--batch-size", type=int, metavar="N", help=f"training batch size (default: {qat_default('batch_size')})")
@@ -291,7 +338,7 @@ def qat_parser(description: str | None = None) -> argparse.ArgumentParser:
                      f"statistics freeze (default: this fraction of --epochs: {qat_default('freeze_bn')})")
     rec.add_argument("--freeze-observers", type=float, metavar="EPOCH", help="epoch after which activation ranges "
                      f"freeze (default: this fraction of --epochs: {qat_default('freeze_observers')})")
-    rec.add_argument("--augment", metavar="LIST", help="training augmentation, as train.py's --augment (default: the "
+    rec.add_argument("--augment", metavar="LIST", help=f"{AUGMENT} (default: the "
                      f"data set's float recipe: {dataset_default('augment')}"
                      + scratch.format(train_default("augment")) + ")")
     rec.add_argument("--from-scratch", action="store_true", help="start from random weights instead of the float "
@@ -299,12 +346,12 @@ def qat_parser(description: str | None = None) -> argparse.ArgumentParser:
     run = add_group(p, "output and run control")
     add_shared(run, "ckpt")
     run.add_argument("--out", default=None, metavar="FILE", help="QAT checkpoint, saved every epoch (default: "
-                     "results/ckpt/qat_<dataset>_<model>_<tag>_<quantizer>.pt); the integer model goes beside it "
-                     "as *.int.pt")
-    run.add_argument("--results", default=None, metavar="CSV", help="CSV to append the row to (default: results/qat.csv)")
+                     "results/ckpt/qat_<dataset>_<model>_<tag>_<quantizer>.pt, git-ignored); the integer model "
+                     "goes beside it as *.int.pt")
+    add_shared(run, "results_dir", details={"results_dir": "the row goes to DIR/qat.csv"})
     add_shared(run, "resume", "dry_run", "stop_after", "json",
                details={"dry_run": "1 epoch unless --epochs, the shipped float weights (random with --from-scratch); "
-                                   "writes nothing unless --out/--results are given"})
+                                   "writes nothing unless --out / --results-dir are given"})
     exp = add_group(p, "experimental", "off by default: at 4 bits on Fashion-MNIST cnn_bn no variant "
                                f"moved the mean integer accuracy beyond the seed-to-seed spread ({QAT_SWEEP})")
     exp.add_argument("--kd-weight", type=float, metavar="W", help="weight, 0..1, of distilling the teacher's logits "
@@ -372,15 +419,18 @@ def fill_qat_recipe(args: argparse.Namespace) -> dict:
 # ---- export.py ----
 
 def export_parser(description: str | None = None) -> argparse.ArgumentParser:
+    from utils.pipeline import ptq_ckpt_path
+    ptq_ckpt = str(ptq_ckpt_path("<dataset>", "<model>", QuantConfig(weight_bits=2, act_bits=2)))
+    ptq_ckpt = ptq_ckpt.replace("w2a2", "w<B>a<B>")
     p = new_parser(description)
     common = add_group(p, "common flags")
     add_shared(common, "dataset", "model", "bits", "data_root", "seed", defaults={"bits": None},
-               default_texts={"bits": "8, or those of the --from checkpoint"},
-               details={"seed": "used by the on-the-fly PTQ"})
+               default_texts={"bits": f"{QuantConfig.act_bits}, or those of the --from checkpoint"},
+               details={"seed": "the calibration batches of the on-the-fly PTQ"})
     src = add_group(p, "model to export")
     src.add_argument("--from", dest="source", default=None, metavar="FILE",
-                     help="integer checkpoint from PTQ.py or QAT.py (default: the PTQ checkpoint "
-                          "results/ckpt/ptq_<dataset>_<model>_w<B>a<B>-per_channel_mse.pt, made on the fly if absent)")
+                     help=f"integer checkpoint from PTQ.py or QAT.py (default: the one PTQ.py saves with its defaults, "
+                          f"{ptq_ckpt}, made on the fly as PTQ.py makes it if absent)")
     src.add_argument("--float", action="store_true", help="export the float32 model ckpt/<dataset>_<model>.pt "
                                                           "instead (BatchNorm folded)")
     add_shared(src, "ckpt")
@@ -398,7 +448,7 @@ def export_parser(description: str | None = None) -> argparse.ArgumentParser:
     run.add_argument("--verify", action="store_true", help="compare with LiteRT and TFLM over the whole test set")
     run.add_argument("--threads", type=int, default=1, metavar="N", help="LiteRT threads for --verify "
                      "(default: %(default)s)")
-    run.add_argument("--results", default=None, metavar="CSV", help="CSV that --verify appends its row to (default: "
-                     "results/export_verify.csv; a --dry-run writes none unless given)")
+    add_shared(run, "results_dir", details={"results_dir": "--verify's row goes to DIR/export_verify.csv (a --dry-run "
+                                                           "writes none unless --results-dir is given)"})
     add_shared(run, "dry_run", "json", details={"dry_run": "random weights, the model made on the fly; needs --out"})
     return p

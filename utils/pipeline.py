@@ -13,8 +13,10 @@ import torch
 import quant
 from data import Loader, get_loaders, load_split, synthetic_split
 from models import build_model
+from utils.args import results_file
 from utils.cli import CLIError, check_names, set_seed
 from utils.io import append_csv_row, load_checkpoint
+from utils.recipes import ONE_CYCLE
 from utils.training import Ensemble
 
 
@@ -76,13 +78,13 @@ def make_ema(model: torch.nn.Module, decay: float) -> torch.optim.swa_utils.Aver
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
-def one_cycle(total_steps: int, warmup: float = 0.2):
-    """LR factor per step: linear warm-up from 0.1 to 1 over ``warmup`` of the steps, then linear decay to 0."""
+def one_cycle(total_steps: int, warmup: float = ONE_CYCLE["warmup"], start: float = ONE_CYCLE["start"]):
+    """LR factor per step: linear warm-up from ``start`` to 1 over ``warmup`` of the steps, then linear decay to 0."""
     up = max(1, int(warmup * total_steps))
 
     def factor(step: int) -> float:
         if step < up:
-            return 0.1 + 0.9 * step / up
+            return start + (1 - start) * step / up
         return max(0.0, (total_steps - step) / max(1, total_steps - up))
     return factor
 
@@ -95,9 +97,11 @@ def check_matches(ckpt: dict, cfg: dict, path: Path) -> None:
                        f"pick the matching --dataset/--model or another --out")
 
 
-def range_suffix(cfg: quant.QuantConfig) -> str:
-    """File-name suffix of a non-default weight range ('' for min/max, '-wmse' for mse)."""
-    return "" if cfg.weight_range == "minmax" else f"-w{cfg.weight_range}"
+def ptq_ckpt_path(dataset: str, model: str, cfg: quant.QuantConfig, methods: tuple[str, ...] = ()) -> Path:
+    """PTQ.py's default integer checkpoint, in results/ckpt/ (git-ignored): ptq_<dataset>_<model>_<tag>_<observer>,
+    then -w<range> unless the weight range is minmax, and -<method> per PTQ method."""
+    suffix = ("" if cfg.weight_range == "minmax" else f"-w{cfg.weight_range}") + "".join(f"-{m}" for m in methods)
+    return Path(f"results/ckpt/ptq_{dataset}_{model}_{cfg.tag}_{cfg.observer}{suffix}.pt")
 
 
 def load_float_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
@@ -136,15 +140,17 @@ def print_table(row: dict) -> None:
 
 
 def write_outputs(args: argparse.Namespace, imodel: quant.IntModel, row: dict, method: str, int_path: Path) -> None:
-    """Save the integer model, append ``row`` to results/<method>.csv and print it as JSON, as asked.
+    """Save the integer model, append ``row`` to <method>.csv in --results-dir (utils.args.results_file) and
+    print it as JSON, as asked.
 
-    A dry run writes only where --out / --results name a place."""
+    A dry run writes only where --out / --results-dir name a place."""
     if not args.dry_run or args.out:
         quant.save_integer(int_path, imodel, meta={"dataset": args.dataset, "model": args.model, "method": method,
                                                    "metrics": {k: row[k] for k in ("float_acc", "fq_acc", "int_acc")}})
         row["int_ckpt"] = str(int_path)
-    if not args.dry_run or args.results:
-        append_csv_row(args.results or f"results/{method}.csv", row)
+    csv_path = results_file(args, f"{method}.csv")
+    if csv_path is not None:
+        append_csv_row(csv_path, row)
     if args.json:
         print(json.dumps(row))
 
@@ -179,14 +185,12 @@ def build_qat_model(float_model: torch.nn.Module, qcfg: quant.QuantConfig, qat_c
 
 def default_ptq_path(args: argparse.Namespace) -> Path:
     """The PTQ checkpoint PTQ.py writes with its defaults at ``args.bits`` (what export.py exports by default)."""
-    tag = quant.QuantConfig(weight_bits=args.bits, act_bits=args.bits).tag
-    return Path(f"results/ckpt/ptq_{args.dataset}_{args.model}_{tag}_mse.pt")
+    return ptq_ckpt_path(args.dataset, args.model, quant.QuantConfig(weight_bits=args.bits, act_bits=args.bits))
 
 
 def ptq_on_the_fly(args: argparse.Namespace, calib: Loader) -> quant.IntModel:
-    """The integer model PTQ.py makes with its defaults (mse observer), converted with ``args.clamp``."""
-    cfg = quant.QuantConfig(weight_bits=args.bits, act_bits=args.bits, observer="mse",
-                            calib_batches=args.calib_batches)
+    """The integer model PTQ.py makes with its defaults (QuantConfig's), converted with ``args.clamp``."""
+    cfg = quant.QuantConfig(weight_bits=args.bits, act_bits=args.bits, calib_batches=args.calib_batches)
     set_seed(args.seed)
     model, _ = load_float_model(args)
     qmodel = quant.quantize(model, cfg)

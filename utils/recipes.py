@@ -4,6 +4,8 @@ Measured reasons for each value are in the comments; the command line overrides 
 """
 from __future__ import annotations
 
+from quant.config import QATConfig, QuantConfig
+
 # The default recipe per data set (every value can be overridden on the command line), and the
 # per-model changes to it. Fashion-MNIST: the models fit the training set (96-98%) long before the test
 # accuracy stops rising, so they train longer. cnn is distilled (weight 0.5, T 4) from FMNIST_TEACHER,
@@ -35,6 +37,11 @@ MODEL_RECIPES = {("fashion_mnist", "cnn_bn"): dict(teacher=FMNIST_ENSEMBLE, kd_w
                  ("cifar10", "resnet8"): dict(lr=0.1, epochs=50)}
 
 
+#: the learning-rate schedule of every recipe (utils.pipeline.one_cycle): the LR rises linearly from ``start``
+#: times the peak (--lr) to the peak over the first ``warmup`` of the steps, then falls linearly to 0
+ONE_CYCLE = dict(warmup=0.2, start=0.1)
+
+
 def model_recipe(dataset: str, model: str) -> dict:
     """The default float training recipe of one model: its data set's, with MODEL_RECIPES over it."""
     return dict(RECIPES[dataset], **MODEL_RECIPES.get((dataset, model), {}))
@@ -63,5 +70,8 @@ QAT_RECIPES = {
     3: dict(quantizer="lsq", epochs=4, lr=1e-2, weight_decay=5e-5, freeze_bn=0.6, freeze_observers=0.6),
     2: dict(quantizer="lsq", epochs=6, lr=1e-2, weight_decay=0.0, freeze_bn=0.0, freeze_observers=0.6),
 }
-COMMON = dict(optimizer="sgd", momentum=0.9, batch_size=128, observer="mse", weight_range="minmax", calib_batches=32,
-              ema_momentum=0.99, kd_weight=0.0, kd_temp=1.0, teacher="", bn_momentum=None, fold_grad_scale=False)
+# PTQ start as PTQ.py's (QuantConfig); EMA momentum QATConfig's 0.99, not 0.9: QAT's ranges average hundreds of steps
+COMMON = dict(optimizer="sgd", momentum=0.9, batch_size=128, observer=QuantConfig.observer,
+              weight_range=QuantConfig.weight_range, calib_batches=QuantConfig.calib_batches,
+              ema_momentum=QATConfig.ema_momentum, kd_weight=0.0, kd_temp=1.0, teacher="", bn_momentum=None,
+              fold_grad_scale=False)

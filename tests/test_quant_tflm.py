@@ -1,5 +1,5 @@
-"""TensorFlow Lite Micro: the 'tflm' kernel set against the tflite-micro interpreter (single ops where it
-differs from LiteRT's reference kernels), the arena measurement, the C array and the uint8-pixel map."""
+"""quant.tflm: the 'tflm' kernel set against the tflite-micro interpreter (single ops where it differs from
+LiteRT's reference kernels), the arena measurement, the C array and the uint8-pixel map."""
 import re
 import shutil
 import subprocess
@@ -15,10 +15,7 @@ from models import build_model
 from quant.kernels import Dequantize, IntFlatten, IntLinear, QuantizeInput
 from quant.qparams import QParams, quantize as quantize_tensor
 from quant.tflm import TFLMRunner, captured_stderr, pixel_map, tflm_arena_bytes, write_c_array
-
-
-def qp(scale: float, zp: int) -> QParams:
-    return QParams(torch.tensor(scale, dtype=torch.float32), torch.tensor(zp, dtype=torch.int32), -128, 127)
+from tests.conftest import qp
 
 
 def fc_model(seed: int = 0) -> quant.IntModel:
