@@ -88,6 +88,19 @@ def main() -> int:
     return 0
 
 
+def comparison_entries(names: str) -> list:
+    """The quant.COMPARISON entries named in ``names`` ('all', or names separated by ';')."""
+    if names == "all":
+        return list(quant.COMPARISON)
+    wanted = [n.strip() for n in names.split(";") if n.strip()]
+    known = {entry[0]: entry for entry in quant.COMPARISON}
+    bad = [n for n in wanted if n not in known]
+    if bad or not wanted:
+        raise quant.QuantError(f"--compare: unknown comparison {'; '.join(bad) or names!r}; choose from "
+                               f"{'; '.join(known)} (or give no name for all)")
+    return [known[n] for n in wanted]
+
+
 def compare_methods(args: argparse.Namespace, model: torch.nn.Module, cfg: quant.QuantConfig, calib: Loader,
                     test: Loader, ckpt_path: str, device: torch.device) -> int:
     """PTQ.py --compare: each COMPARE entry from the same float model and calibration data; integer-engine
@@ -95,7 +108,7 @@ def compare_methods(args: argparse.Namespace, model: torch.nn.Module, cfg: quant
     import dataclasses
     rows, csv_path = [], results_file(args, "ptq_methods.csv")
     float_acc = quant.compare(test, {"float": model})["float_acc"]
-    for name, fields, methods in quant.COMPARISON:
+    for name, fields, methods in comparison_entries(args.compare):
         set_seed(args.seed)
         c = dataclasses.replace(cfg, **fields)
         t1 = time.perf_counter()

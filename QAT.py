@@ -7,7 +7,8 @@ convert it to the integer engine and evaluate it three ways (as PTQ.py).
     python QAT.py --from-scratch --dry-run                             # random weights, synthetic data
     torchrun --nproc_per_node 2 QAT.py --dataset cifar10 --model resnet8 --bits 4   # 2 processes
 
-Steps: load ckpt/<dataset>_<model>.pt (or random weights with --from-scratch); quant.quantize every
+Steps: load ckpt/<dataset>_<model>.pt (or random weights with --from-scratch, whose BatchNorm statistics are
+first estimated on the calibration batches: utils.pipeline.estimate_bn_statistics); quant.quantize every
 tensor (input, weights, activations) at B bits; calibrate the ranges on training batches (the PTQ
 initialisation); quant.prepare_qat (ste: EMA activation ranges + STE; lsq: learned step sizes from
 the calibrated scales); train the float shadow weights with SGD (Nesterov momentum) and a one-cycle
@@ -83,7 +84,7 @@ def run(args: argparse.Namespace, cfg: dict, qcfg: quant.QuantConfig, qat_cfg: q
     model = model.to(device).to(memory_format=torch.channels_last)  # faster convolutions on CPU
     teacher = load_teacher(cfg, device) if cfg["teacher"] else model
     train, test = make_loaders(cfg, args, device)
-    qmodel = build_qat_model(model, qcfg, qat_cfg, train, progress=ctx.main)  # every rank calibrates on the same whole batches
+    qmodel = build_qat_model(model, qcfg, qat_cfg, train, progress=ctx.main, fresh_bn=args.from_scratch)  # every rank calibrates on the same whole batches
     if ctx.enabled:
         distributed.global_batchnorm(qmodel)
         quant.sync_act_ranges(qmodel, distributed.reduce_range)

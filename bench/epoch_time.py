@@ -48,7 +48,7 @@ def make_trainee(method: str, name: str, dataset: str, recipe: dict, bits: int, 
     elif method != "float":
         qcfg = quant.QuantConfig(weight_bits=bits, act_bits=bits, observer="minmax", calib_batches=4)
         qat_cfg = quant.QATConfig(quantizer=method, freeze_bn=epochs, freeze_observers=epochs)
-        model = build_qat_model(model, qcfg, qat_cfg, train)
+        model = build_qat_model(model, qcfg, qat_cfg, train, fresh_bn=True)  # random weights
         extra = dict(after_step=FreezeSchedule(model, qat_cfg, len(train)).after_step)
     opt, sched = make_optimizer(model, dict(recipe, epochs=epochs), len(train))
     return model, opt, sched, extra

@@ -7,10 +7,11 @@ notes/graph-mode.md). ``float_model`` is any ``nn.Module`` torch.fx can trace (`
     quant.compare(test_batches, {"float": float_model, "fq": qmodel, "int": imodel})
 
 QAT: after ``calibrate``, ``prepare_qat(qmodel, QATConfig(...))`` then train (see quant/qat.py, QAT.py).
-PTQ methods (cross-layer equalisation, AdaRound, bias correction) in one call: ``quant.ptq(model, cfg, batches,
+PTQ methods (cross-layer equalisation, AdaRound, bias correction, learned activation steps) in one call: ``quant.ptq(model, cfg, batches,
 methods=(...))`` (quant/ptq.py; notes/methods.md); per-layer bits: ``QuantConfig(layers=...)``.
 """
 from quant.adaround import AdaRoundConfig, adaround
+from quant.act_tune import ActTuneConfig, act_tune
 from quant.checkpoint import load_integer, load_quantized, save_integer, save_quantized
 from quant.config import QATConfig, QuantConfig, parse_layer_settings
 from quant.errors import QuantError
@@ -31,7 +32,7 @@ from quant.qat import (clamp_lsq_, frozen_act_observers, prepare_qat, set_act_ob
 from quant.transforms import calibrate, calibration_mode, convert, quantize, set_fake_quant, set_observers, set_requant
 
 __all__ = [
-    "QuantConfig", "QATConfig", "parse_layer_settings", "AdaRoundConfig", "adaround", "bias_correction", "equalize", "absorb_high_biases",
+    "QuantConfig", "QATConfig", "parse_layer_settings", "AdaRoundConfig", "adaround", "ActTuneConfig", "act_tune", "bias_correction", "equalize", "absorb_high_biases",
     "equalization_pairs", "weighted_layers", "layer_sensitivity", "greedy_weight_bits", "ptq", "ptq_methods", "METHODS", "COMPARISON", "first_last", "QuantError", "LSQQuantize", "QParams", "IntModel",
     "quantize", "calibrate", "calibration_mode", "convert", "set_fake_quant", "set_observers", "set_requant", "compare",
     "save_quantized", "load_quantized", "save_integer", "load_integer",

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from quant.errors import QuantError
-from quant.methods import _inputs, _pre_activation, layer_inputs, refit_weight_range, set_folded_weight, weighted_layers
+from quant.methods import _pre_activation, calibration_samples, layer_inputs, refit_weight_range, set_folded_weight, weighted_layers
 from quant.modules import _activation, _QWeighted
 from quant.qparams import round_half_away
 
@@ -121,13 +121,7 @@ def adaround(qmodel: nn.Module, batches: Iterable[Any], cfg: AdaRoundConfig | No
     layer's reconstruction error with nearest and with learned rounding. Re-calibrate the activations
     afterwards (``quant.calibrate``: the fixed weights stay) so later ranges see the rounded weights."""
     cfg = cfg or AdaRoundConfig()
-    xs, n = [], 0
-    for x in _inputs(batches, None):
-        xs.append(x)
-        n += len(x)
-        if n >= cfg.samples:
-            break
-    data = [torch.cat(xs)[:cfg.samples]]
+    data = [calibration_samples(batches, cfg.samples, "adaround")]
     report = {}
     layers = weighted_layers(qmodel)
     for i, (path, layer) in enumerate(layers):

@@ -69,6 +69,20 @@ def _inputs(batches: Iterable[Any], num_batches: int | None) -> Iterator[torch.T
         yield batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
+def calibration_samples(batches: Iterable[Any], n: int, method: str) -> torch.Tensor:
+    """The first ``n`` images of ``batches`` (x or (x, y) items) in one tensor; ``method`` names the caller
+    in the error raised when there are none."""
+    xs, seen = [], 0
+    for x in _inputs(batches, None):
+        xs.append(x)
+        seen += len(x)
+        if seen >= n:
+            break
+    if not xs:
+        raise QuantError(f"{method} got no calibration batches")
+    return torch.cat(xs)[:n]
+
+
 @contextlib.contextmanager
 def _set_all(items: list[Any], attr: str, value: Any) -> Iterator[None]:
     """``item.attr = value`` for every item, the old values restored on exit."""

@@ -6,7 +6,8 @@
 
 Order: quantize -> cle (rescales float weights, so before any range is taken) -> bias_absorption (moves
 high biases of equalised pairs into the next layer; needs a BN after the first conv) -> calibrate ->
-adaround (then the activations are calibrated again on the rounded weights) -> bias_correction.
+adaround (then the activations are calibrated again on the rounded weights) -> bias_correction ->
+act_tune (learns the activation step sizes of the final model: ``quant.act_tune``).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any, Iterable, Sequence
 import torch.fx as fx
 import torch.nn as nn
 
+from quant.act_tune import ActTuneConfig, act_tune
 from quant.adaround import AdaRoundConfig, adaround
 from quant.config import QuantConfig
 from quant.errors import QuantError
@@ -23,7 +25,7 @@ from quant.methods import absorb_high_biases, bias_correction, equalize
 from quant.transforms import calibrate, quantize
 
 #: the PTQ methods by name, in the order they run
-METHODS = ("cle", "bias_absorption", "adaround", "bias_correction")
+METHODS = ("cle", "bias_absorption", "adaround", "bias_correction", "act_tune")
 #: what PTQ.py --compare runs side by side: (name, QuantConfig fields over the command line's, methods).
 #: "w-mse": weight ranges clipped for least squared error (``weight_range="mse"``) instead of max |w|
 _MSE, _WMSE = {"observer": "mse", "weight_range": "minmax"}, {"observer": "mse", "weight_range": "mse"}
@@ -35,7 +37,8 @@ COMPARISON = [("minmax", {"observer": "minmax", "weight_range": "minmax"}, ()),
               ("w-mse + bias correction", _WMSE, ("bias_correction",)),
               ("w-mse + cle", _WMSE, ("cle",)),
               ("w-mse + adaround", _WMSE, ("adaround",)),
-              ("w-mse + adaround + bias correction", _WMSE, ("adaround", "bias_correction"))]
+              ("w-mse + adaround + bias correction", _WMSE, ("adaround", "bias_correction")),
+              ("w-mse + adaround + act tune", _WMSE, ("adaround", "act_tune"))]
 
 
 def first_last(model: nn.Module, bits: int = 8) -> tuple[tuple[str, dict[str, int]], ...]:
@@ -62,7 +65,8 @@ def ptq_methods(methods: Sequence[str] | str) -> tuple[str, ...]:
 
 
 def ptq(model: nn.Module, cfg: QuantConfig, batches: Iterable[Any], methods: Sequence[str] = (),
-        adaround_cfg: AdaRoundConfig | None = None, bias_batches: int = 8, progress: bool = False) -> fx.GraphModule:
+        adaround_cfg: AdaRoundConfig | None = None, bias_batches: int = 8, progress: bool = False,
+        act_tune_cfg: ActTuneConfig | None = None) -> fx.GraphModule:
     """A calibrated fake-quant copy of ``model`` made with ``methods`` (see the module docstring);
     ``batches`` (re-iterable: a list or a loader) gives the calibration data."""
     methods = ptq_methods(methods)
@@ -77,4 +81,6 @@ def ptq(model: nn.Module, cfg: QuantConfig, batches: Iterable[Any], methods: Seq
         calibrate(qmodel, batches, num_batches=cfg.calib_batches, progress=progress)
     if "bias_correction" in methods:
         bias_correction(qmodel, batches, num_batches=bias_batches)
+    if "act_tune" in methods:
+        act_tune(qmodel, batches, act_tune_cfg, progress=progress)
     return qmodel

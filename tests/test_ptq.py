@@ -59,6 +59,22 @@ def test_missing_and_mismatched_checkpoints(tmp_path):
     assert r.returncode == 2 and "holds fashion_mnist/cnn, not fashion_mnist/cnn_bn" in r.stderr
 
 
+def test_compare_named_methods(tmp_path):
+    """--compare NAMES runs those quant.COMPARISON entries only, one ptq_methods.csv row each; an unknown name
+    is a one-line error that lists the names."""
+    r = run_script("PTQ.py", "--dry-run", "--bits", "4", "--compare", "mse; w-mse + adaround",
+                   "--adaround-iters", "5", "--results-dir", str(tmp_path), "--json")
+    assert r.returncode == 0, r.stderr
+    with open(tmp_path / "ptq_methods.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["name"] for row in rows] == ["mse", "w-mse + adaround"]
+    assert rows[1]["methods"] == "adaround" and rows[1]["weight_range"] == "mse"
+    assert [row["name"] for row in _last_json(r.stdout)] == ["mse", "w-mse + adaround"]
+    r = run_script("PTQ.py", "--dry-run", "--bits", "4", "--compare", "nope", "--results-dir", str(tmp_path))
+    assert r.returncode == 2 and "unknown comparison" in r.stderr and "act tune" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
 def test_bad_bits_is_one_line_error():
     r = run_script("PTQ.py", "--bits", "9", "--dry-run")
     assert r.returncode == 2 and "2..8" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -89,3 +89,24 @@ def test_distillation_flags_recorded_and_checked(tmp_path):
         r = run_script("QAT.py", "--dry-run", "--device", "cpu", *argv)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and expected in lines[0], (argv, r.stderr)
+
+
+def test_estimate_bn_statistics_is_the_average_over_the_calibration_batches():
+    """QAT.py --from-scratch's first step: every BN's running statistics become the cumulative average of its
+    batch statistics over the first batches (epoch 0), momentum and training flag restored."""
+    from data import Loader
+    from utils.pipeline import estimate_bn_statistics
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4, momentum=0.3)).eval()
+    g = torch.Generator().manual_seed(1)
+    loader = Loader(torch.randint(0, 256, (96, 1, 28, 28), generator=g, dtype=torch.uint8),
+                    torch.zeros(96, dtype=torch.int64), "fashion_mnist", 32, train=True)
+    estimate_bn_statistics(model, loader, num_batches=2)
+    bn = model[1]
+    assert bn.momentum == 0.3 and not model.training and int(bn.num_batches_tracked) == 2
+    loader.set_epoch(0)
+    with torch.no_grad():
+        ys = [model[0](x) for x, _ in list(loader)[:2]]
+    means = torch.stack([y.mean((0, 2, 3)) for y in ys]).mean(0)
+    variances = torch.stack([y.var((0, 2, 3)) for y in ys]).mean(0)  # unbiased, as BatchNorm's running_var
+    assert torch.allclose(bn.running_mean, means, atol=1e-5) and torch.allclose(bn.running_var, variances, atol=1e-4)

@@ -6,6 +6,7 @@ import torch.nn as nn
 
 import quant
 from quant import QuantConfig
+from quant.act_tune import ActTuneConfig
 from quant.adaround import AdaRoundConfig
 from quant.export_tflite import RUNTIMES, make_runner
 from tests.conftest import case, needs_litert
@@ -21,7 +22,8 @@ def zero_a_channel(model: nn.Module) -> None:
             conv.bias[0] = 0.0
 
 
-METHOD_SETS = [(), ("cle",), ("adaround",), ("bias_correction",), ("cle", "adaround", "bias_correction")]
+METHOD_SETS = [(), ("cle",), ("adaround",), ("bias_correction",), ("act_tune",),
+               ("cle", "adaround", "bias_correction", "act_tune")]
 
 
 @needs_litert
@@ -34,7 +36,7 @@ def test_every_method_stays_exact_with_a_zero_channel(name, methods, per_channel
     model, shape, batches, x = model_and_data(name)
     zero_a_channel(model)
     q = quant.ptq(model, QuantConfig(observer="minmax", weight_bits=4, act_bits=4, per_channel=per_channel), batches,
-                  methods, AdaRoundConfig(iterations=20, samples=64))
+                  methods, AdaRoundConfig(iterations=20, samples=64), act_tune_cfg=ActTuneConfig(iterations=20, samples=64))
     q.eval()
     im = quant.convert(q)
     assert torch.equal(q(x), im(x))

@@ -282,8 +282,9 @@ def ptq_parser(description: str | None = None) -> argparse.ArgumentParser:
                    "last layer's weights and output at B bits (the papers' convention)")
     add_shared(q, "calib_batches", "calib_batch_size", "rounding")
     a = add_group(p, "analysis (instead of one quantized model)")
-    a.add_argument("--compare", action="store_true", help="run the calibrators and methods of quant.COMPARISON side by "
-                   "side at these bits, print the table and append the rows to ptq_methods.csv in --results-dir")
+    a.add_argument("--compare", nargs="?", const="all", metavar="NAMES", help="run the calibrators and methods of "
+                   "quant.COMPARISON side by side at these bits (all, or the ';'-separated names given), print the "
+                   "table and append the rows to ptq_methods.csv in --results-dir")
     a.add_argument("--analyze", action="store_true", help="after quantizing: each layer's logit SQNR (alone, "
                    "cumulative) and accuracy alone, then a greedy search over per-layer weight bits (--search-bits); "
                    "rows to sensitivity.csv and mixed_precision.csv in --results-dir, plot sensitivity_*.png beside them")

@@ -174,9 +174,40 @@ class FreezeSchedule:
         self.apply()
 
 
+@torch.no_grad()
+def estimate_bn_statistics(model: torch.nn.Module, loader, num_batches: int) -> None:
+    """Set every BatchNorm's running statistics to their average over the first ``num_batches`` of
+    ``loader`` (epoch 0; train-mode forwards without gradient). For random weights: PyTorch's initial
+    statistics (mean 0, variance 1) describe no real activations, and through MobileNetV2's 17 blocks the
+    eval-mode activations shrink to about 1e-10, so the calibrated ranges are degenerate and the first
+    QAT steps overflow ("observed range is not finite")."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    saved = [(bn, bn.momentum) for bn in bns]
+    was = model.training
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average
+    model.train()
+    loader.set_epoch(0)
+    try:
+        for i, (x, _) in enumerate(loader):
+            if i >= num_batches:
+                break
+            model(x)
+    finally:
+        for bn, momentum in saved:
+            bn.momentum = momentum
+        model.train(was)
+
+
 def build_qat_model(float_model: torch.nn.Module, qcfg: quant.QuantConfig, qat_cfg: quant.QATConfig,
-                    calib_loader, progress: bool = True) -> torch.nn.Module:
-    """quantize -> calibrate (PTQ init, first training batches of epoch 0) -> prepare_qat."""
+                    calib_loader, progress: bool = True, fresh_bn: bool = False) -> torch.nn.Module:
+    """quantize -> calibrate (PTQ init, first training batches of epoch 0) -> prepare_qat. ``fresh_bn``
+    (random weights): first ``estimate_bn_statistics`` over the calibration batches."""
+    if fresh_bn:
+        estimate_bn_statistics(float_model, calib_loader, qcfg.calib_batches)
     qmodel = quant.quantize(float_model, qcfg)
     calib_loader.set_epoch(0)
     quant.calibrate(qmodel, calib_loader, num_batches=qcfg.calib_batches, progress=progress)
