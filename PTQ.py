@@ -51,6 +51,7 @@ def quant_config(args: argparse.Namespace, model: torch.nn.Module) -> quant.Quan
 @one_line_errors
 def main() -> int:
     args = parse_args()
+    entries = comparison_entries(args.compare) if args.compare else []  # a bad name fails before any loading
     t0 = time.perf_counter()
     device = resolve_device(args.device)
     set_seed(args.seed)
@@ -61,7 +62,7 @@ def main() -> int:
     calib, test = make_data(args, device)
 
     if args.compare:
-        return compare_methods(args, model, cfg, calib, test, ckpt_path, device)
+        return compare_methods(args, entries, model, cfg, calib, test, ckpt_path, device)
     if args.analyze:
         return analyze(args, model, cfg, methods, calib, test, ckpt_path)
     t1 = time.perf_counter()
@@ -101,14 +102,14 @@ def comparison_entries(names: str) -> list:
     return [known[n] for n in wanted]
 
 
-def compare_methods(args: argparse.Namespace, model: torch.nn.Module, cfg: quant.QuantConfig, calib: Loader,
-                    test: Loader, ckpt_path: str, device: torch.device) -> int:
-    """PTQ.py --compare: each COMPARE entry from the same float model and calibration data; integer-engine
+def compare_methods(args: argparse.Namespace, entries: list, model: torch.nn.Module, cfg: quant.QuantConfig,
+                    calib: Loader, test: Loader, ckpt_path: str, device: torch.device) -> int:
+    """PTQ.py --compare: each of ``entries`` (``comparison_entries``) from the same float model and calibration data; integer-engine
     test accuracy and wall time of each, one table, one row each in ptq_methods.csv (utils.args.results_file)."""
     import dataclasses
     rows, csv_path = [], results_file(args, "ptq_methods.csv")
     float_acc = quant.compare(test, {"float": model})["float_acc"]
-    for name, fields, methods in comparison_entries(args.compare):
+    for name, fields, methods in entries:
         set_seed(args.seed)
         c = dataclasses.replace(cfg, **fields)
         t1 = time.perf_counter()

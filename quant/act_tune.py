@@ -13,8 +13,8 @@ rounding, here for the whole network at once, after AdaRound.
 
 Each quantizer gets its own Adam learning rate, ``lr`` times its calibrated step (so every step moves
 by about ``lr`` of itself per iteration), decayed to 0 on a cosine. The forward is the QAT training
-graph with BN frozen (eval-mode BN statistics, dropout off), which equals the integer engine's up to
-the requantization rounding.
+graph with BN frozen (eval-mode BN statistics; ``quantize`` leaves no dropout), which equals the
+integer engine's up to the requantization rounding.
 
 The learned steps are written back as each quantizer's range [(qmin - zp) s, (qmax - zp) s], observer
 frozen, so the model stays an ordinary calibrated fake-quant model: conversion, export and checkpoints
@@ -85,10 +85,7 @@ def act_tune(qmodel: nn.Module, batches: Iterable[Any], cfg: ActTuneConfig | Non
     for s in steps:
         s.requires_grad_(True)
     set_bn_frozen(work, True)
-    work.train()
-    for m in work.modules():
-        if isinstance(m, nn.Dropout):
-            m.eval()
+    work.train()  # the differentiable fake-quant path; the quantized graph holds no dropout (quant.graph)
     groups = [{"params": [s], "lr": cfg.lr * float(s.detach().abs().max())} for s in steps]
     opt = torch.optim.Adam(groups)
     base = [g["lr"] for g in opt.param_groups]
