@@ -7,7 +7,8 @@ notes/graph-mode.md). ``float_model`` is any ``nn.Module`` torch.fx can trace (`
     quant.compare(test_batches, {"float": float_model, "fq": qmodel, "int": imodel})
 
 QAT: after ``calibrate``, ``prepare_qat(qmodel, QATConfig(...))`` then train (see quant/qat.py, QAT.py).
-PTQ methods (cross-layer equalisation, AdaRound, bias correction, learned activation steps) in one call: ``quant.ptq(model, cfg, batches,
+PTQ methods (cross-layer equalisation, AdaRound, bias correction, learned activation steps, the
+output's range) in one call: ``quant.ptq(model, cfg, batches,
 methods=(...))`` (quant/ptq.py; notes/methods.md); per-layer bits: ``QuantConfig(layers=...)``.
 """
 from quant.adaround import AdaRoundConfig, adaround
@@ -24,6 +25,7 @@ from quant.graph import model_graph
 from quant.integer import IntModel
 from quant.methods import absorb_high_biases, bias_correction, equalization_pairs, equalize, weighted_layers
 from quant.modules import LSQQuantize
+from quant.output_range import output_range
 from quant.ptq import COMPARISON, METHODS, first_last, ptq, ptq_methods
 from quant.sensitivity import greedy_weight_bits, layer_sensitivity
 from quant.qparams import QParams, choose_qparams, dequantize, fake_quantize, quantize as quantize_tensor
@@ -32,7 +34,7 @@ from quant.qat import (clamp_lsq_, frozen_act_observers, prepare_qat, set_act_ob
 from quant.transforms import calibrate, calibration_mode, convert, quantize, set_fake_quant, set_observers, set_requant
 
 __all__ = [
-    "QuantConfig", "QATConfig", "parse_layer_settings", "AdaRoundConfig", "adaround", "ActTuneConfig", "act_tune", "bias_correction", "equalize", "absorb_high_biases",
+    "QuantConfig", "QATConfig", "parse_layer_settings", "AdaRoundConfig", "adaround", "ActTuneConfig", "act_tune", "output_range", "bias_correction", "equalize", "absorb_high_biases",
     "equalization_pairs", "weighted_layers", "layer_sensitivity", "greedy_weight_bits", "ptq", "ptq_methods", "METHODS", "COMPARISON", "first_last", "QuantError", "LSQQuantize", "QParams", "IntModel",
     "quantize", "calibrate", "calibration_mode", "convert", "set_fake_quant", "set_observers", "set_requant", "compare",
     "save_quantized", "load_quantized", "save_integer", "load_integer",

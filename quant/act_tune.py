@@ -32,8 +32,7 @@ import torch.nn as nn
 
 from quant.config import QATConfig
 from quant.errors import QuantError
-from quant.methods import calibration_samples, fake_quant_off
-from quant.observers import HistogramObserver
+from quant.methods import calibration_samples, fake_quant_off, hold_range
 from quant.qat import _prepare_lsq, act_quantizers, clamp_lsq_, set_bn_frozen
 
 
@@ -109,17 +108,12 @@ def act_tune(qmodel: nn.Module, batches: Iterable[Any], cfg: ActTuneConfig | Non
     report = {}
     for fq, lsq in zip(fqs, lsqs):
         old, qp = fq.qparams(), lsq.qparams()
-        obs = fq.observer
-        if isinstance(obs, HistogramObserver):
-            obs.hist = None
         scale, zp = qp.scale.double(), qp.zero_point.double()
-        if obs.symmetric:  # choose_qparams: scale = max(-lo, hi) / ((qmax - qmin) / 2)
+        if fq.observer.symmetric:  # choose_qparams: scale = max(-lo, hi) / ((qmax - qmin) / 2)
             hi = scale * (qp.qmax - qp.qmin) / 2
             lo = -hi
         else:
             lo, hi = (qp.qmin - zp) * scale, (qp.qmax - zp) * scale
-        obs.min_val = lo.to(obs.min_val.dtype).reshape(obs.min_val.shape)
-        obs.max_val = hi.to(obs.max_val.dtype).reshape(obs.max_val.shape)
-        obs.frozen = True
+        hold_range(fq, lo, hi)
         report[names.get(id(fq), "?")] = (float(old.scale.max()), float(fq.qparams().scale.max()))
     return report

@@ -40,8 +40,9 @@ import torch.nn as nn
 
 from quant.errors import QuantError
 from quant.transforms import quantizers
-from quant.modules import QAvgPool2d, QConv2d, QConvBNReLU, QMaxPool2d, _QWeighted, \
+from quant.modules import FakeQuantize, QAvgPool2d, QConv2d, QConvBNReLU, QMaxPool2d, _QWeighted, \
     flatten_images
+from quant.observers import HistogramObserver
 
 RELU = (0.0, math.inf)
 
@@ -110,6 +111,18 @@ def act_quant_off(qmodel: nn.Module) -> contextlib.AbstractContextManager:
     """Quantized weights, float activations (every quantizer but the weights' the identity)."""
     weights = {id(m.weight_quant) for m in qmodel.modules() if isinstance(m, _QWeighted)}
     return _set_all([fq for fq in quantizers(qmodel) if id(fq) not in weights], "enabled", False)
+
+
+def hold_range(fq: FakeQuantize, lo: torch.Tensor, hi: torch.Tensor) -> None:
+    """Give an activation quantizer the range [lo, hi] (its qparams: ``choose_qparams(lo, hi)``), observer
+    frozen and a calibrator's histogram dropped, so evaluation and conversion keep it (a later
+    ``quant.calibrate`` records a new range over it)."""
+    obs = fq.observer
+    if isinstance(obs, HistogramObserver):
+        obs.hist = None
+    obs.min_val = torch.as_tensor(lo).to(obs.min_val.dtype).reshape(obs.min_val.shape)
+    obs.max_val = torch.as_tensor(hi).to(obs.max_val.dtype).reshape(obs.max_val.shape)
+    obs.frozen = True
 
 
 def refit_weight_range(layer: _QWeighted) -> None:

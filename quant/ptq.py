@@ -7,7 +7,8 @@
 Order: quantize -> cle (rescales float weights, so before any range is taken) -> bias_absorption (moves
 high biases of equalised pairs into the next layer; needs a BN after the first conv) -> calibrate ->
 adaround (then the activations are calibrated again on the rounded weights) -> bias_correction ->
-act_tune (learns the activation step sizes of the final model: ``quant.act_tune``).
+act_tune (learns the activation step sizes of the final model: ``quant.act_tune``) -> output_range (the
+logits' range chosen for the float model's top-1 class: ``quant.output_range``).
 """
 from __future__ import annotations
 
@@ -22,10 +23,11 @@ from quant.config import QuantConfig
 from quant.errors import QuantError
 from quant.graph import model_graph
 from quant.methods import absorb_high_biases, bias_correction, equalize
+from quant.output_range import output_range
 from quant.transforms import calibrate, quantize
 
 #: the PTQ methods by name, in the order they run
-METHODS = ("cle", "bias_absorption", "adaround", "bias_correction", "act_tune")
+METHODS = ("cle", "bias_absorption", "adaround", "bias_correction", "act_tune", "output_range")
 #: what PTQ.py --compare runs side by side: (name, QuantConfig fields over the command line's, methods).
 #: "w-mse": weight ranges clipped for least squared error (``weight_range="mse"``) instead of max |w|
 _MSE, _WMSE = {"observer": "mse", "weight_range": "minmax"}, {"observer": "mse", "weight_range": "mse"}
@@ -38,7 +40,8 @@ COMPARISON = [("minmax", {"observer": "minmax", "weight_range": "minmax"}, ()),
               ("w-mse + cle", _WMSE, ("cle",)),
               ("w-mse + adaround", _WMSE, ("adaround",)),
               ("w-mse + adaround + bias correction", _WMSE, ("adaround", "bias_correction")),
-              ("w-mse + adaround + act tune", _WMSE, ("adaround", "act_tune"))]
+              ("w-mse + adaround + act tune", _WMSE, ("adaround", "act_tune")),
+              ("w-mse + adaround + act tune + output range", _WMSE, ("adaround", "act_tune", "output_range"))]
 
 
 def first_last(model: nn.Module, bits: int = 8) -> tuple[tuple[str, dict[str, int]], ...]:
@@ -83,4 +86,10 @@ def ptq(model: nn.Module, cfg: QuantConfig, batches: Iterable[Any], methods: Seq
         bias_correction(qmodel, batches, num_batches=bias_batches)
     if "act_tune" in methods:
         act_tune(qmodel, batches, act_tune_cfg, progress=progress)
+    if "output_range" in methods:
+        r = output_range(qmodel, batches)
+        if progress:
+            print(f"  output_range: float top-1 kept on {r['agreement_before']:.2f}% -> {r['agreement_after']:.2f}% of "
+                  f"the calibration images, range {r['range_before'][0]:.4g}..{r['range_before'][1]:.4g} -> "
+                  f"{r['range_after'][0]:.4g}..{r['range_after'][1]:.4g}", flush=True)
     return qmodel

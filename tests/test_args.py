@@ -62,6 +62,6 @@ def test_help_texts_follow_the_recipes(monkeypatch):
     monkeypatch.setitem(recipes.QAT_RECIPES, 2, dict(recipes.QAT_RECIPES[2], lr=0.25))
     train, qat = _help(train_parser()), _help(qat_parser())
     assert "first 30% of the steps" in train and "first 30% of the steps" in qat
-    assert "fashion_mnist 60, cifar10 7 (resnet8 50)" in train and "cifar10 flip)" in train
+    assert "fashion_mnist 60, cifar10 7 (resnet8 100, resnet20 200, mobilenetv2 200)" in train and "cifar10 flip)" in train
     assert "Nesterov momentum fashion_mnist 0.9, cifar10 0.8" in train
     assert "0.25 at 2" in qat

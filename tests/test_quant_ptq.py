@@ -22,8 +22,8 @@ def zero_a_channel(model: nn.Module) -> None:
             conv.bias[0] = 0.0
 
 
-METHOD_SETS = [(), ("cle",), ("adaround",), ("bias_correction",), ("act_tune",),
-               ("cle", "adaround", "bias_correction", "act_tune")]
+METHOD_SETS = [(), ("cle",), ("adaround",), ("bias_correction",), ("act_tune",), ("output_range",),
+               ("cle", "adaround", "bias_correction", "act_tune", "output_range")]
 
 
 @needs_litert

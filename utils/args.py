@@ -271,7 +271,9 @@ def ptq_parser(description: str | None = None) -> argparse.ArgumentParser:
                    "percentile calibrators (default: %(default)s)")
     q.add_argument("--method", dest="methods", default="", metavar="LIST", help="comma list of PTQ methods: cle "
                    "(cross-layer equalisation), bias_absorption (after cle: high biases of conv+BN+ReLU pairs move "
-                   "into the next layer), adaround (learned rounding), bias_correction (default: none)")
+                   "into the next layer), adaround (learned rounding), bias_correction, act_tune (activation step sizes "
+                   "learned for the float logits), output_range (the logits' range chosen to keep the float model's "
+                   "top-1 class); they run in that order (default: none)")
     q.add_argument("--adaround-iters", type=int, default=AdaRoundConfig.iterations, metavar="N",
                    help="AdaRound iterations per layer (default: %(default)s)")
     q.add_argument("--layer", action="append", metavar="PATTERN:SETTINGS",
