@@ -9,7 +9,8 @@ reads the class right more often than one that fits every value.
 ``output_range`` searches the model output quantizer's range [lo, hi] on a grid (lo from the lowest
 logit up to 0, hi from 0 up to the highest, ``grid`` values each) and keeps the range whose quantized
 logits give the float network's top-1 class on the most calibration images (no labels used); among
-equal counts, the least squared error to the unquantized logits. The logits it quantizes are those the
+equal counts, the least squared error to the unquantized logits. The calibrated range competes too: it
+stays unless a grid range does better. The logits it quantizes are those the
 quantized network computes before its last rounding (every earlier quantizer as it is), so it runs
 last, after AdaRound and ``act_tune``. The range is written as the quantizer's observer range, frozen:
 the model converts and exports as any calibrated one (quantized with ``fake_quantize``, which the
@@ -97,11 +98,17 @@ def output_range(qmodel: nn.Module, batches: Iterable[Any], samples: int = 4096,
         return float((yq.argmax(1) == top).sum()), -float((yq - y).square().mean())
 
     old = fq.qparams()
-    before = score(old)[0]
+    old_range = (float((old.qmin - old.zero_point) * old.scale), float((old.qmax - old.zero_point) * old.scale))
+    before = score(old)
     lows = torch.linspace(min(float(y.min()), 0.0), 0.0, grid)
     highs = torch.linspace(0.0, max(float(y.max()), 0.0), grid + 1)[1:]
     best = max((score(choose_qparams(lo, hi, obs.bits, obs.symmetric, obs.narrow)), i, j)
                for i, lo in enumerate(lows) for j, hi in enumerate(highs))
+    n = len(y)
+    if best[0] <= before:  # no grid range does better than the calibrated one: keep it (held)
+        obs.frozen = True
+        return {"agreement_before": 100.0 * before[0] / n, "agreement_after": 100.0 * before[0] / n,
+                "range_before": old_range, "range_after": old_range}
     lo, hi = lows[best[1]], highs[best[2]]
     if isinstance(fq, LSQQuantize):  # a QAT model: the step size and zero point are the quantizer's own
         qp = choose_qparams(lo, hi, obs.bits, obs.symmetric, obs.narrow)
@@ -111,7 +118,5 @@ def output_range(qmodel: nn.Module, batches: Iterable[Any], samples: int = 4096,
             fq.offset.data.copy_((-qp.scale * qp.zero_point).reshape(fq.offset.shape))
     else:
         hold_range(fq, lo, hi)
-    n = len(y)
-    return {"agreement_before": 100.0 * before / n, "agreement_after": 100.0 * best[0][0] / n,
-            "range_before": (float((old.qmin - old.zero_point) * old.scale), float((old.qmax - old.zero_point) * old.scale)),
-            "range_after": (float(lo), float(hi))}
+    return {"agreement_before": 100.0 * before[0] / n, "agreement_after": 100.0 * best[0][0] / n,
+            "range_before": old_range, "range_after": (float(lo), float(hi))}
