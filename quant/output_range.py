@@ -71,27 +71,29 @@ def output_range(qmodel: nn.Module, batches: Iterable[Any], samples: int = 4096,
     if grid < 2 or samples < 1:
         raise QuantError("output_range needs grid >= 2 and samples >= 1")
     fq = output_quantizer(qmodel)
+    obs = fq.observer
+    if obs.axis is not None:
+        raise QuantError("output_range chooses a per-tensor output range; this output is quantized per channel")
     data = calibration_samples(batches, samples, "output_range")
+
+    def outputs() -> torch.Tensor:
+        return torch.cat([qmodel(data[i:i + 256]) for i in range(0, len(data), 256)])
+
     was = qmodel.training
     qmodel.eval()
     try:
         with frozen_observers(qmodel):
             with fake_quant_off(qmodel):
-                ref = torch.cat([qmodel(data[i:i + 256]) for i in range(0, len(data), 256)])
+                top = outputs().argmax(1)
             fq.enabled = False
             try:
-                y = torch.cat([qmodel(data[i:i + 256]) for i in range(0, len(data), 256)])
+                y = outputs()
             finally:
                 fq.enabled = True
     finally:
         qmodel.train(was)
     if y.dim() != 2:
         raise QuantError(f"output_range needs (N, classes) logits; the model's output has shape {tuple(y.shape)}")
-    top = ref.argmax(1)
-    obs = fq.observer
-
-    if obs.axis is not None:
-        raise QuantError("output_range chooses a per-tensor output range; this output is quantized per channel")
 
     def score(qp: Any) -> tuple[float, float]:
         yq = fake_quantize(y, qp)
@@ -102,21 +104,20 @@ def output_range(qmodel: nn.Module, batches: Iterable[Any], samples: int = 4096,
     before = score(old)
     lows = torch.linspace(min(float(y.min()), 0.0), 0.0, grid)
     highs = torch.linspace(0.0, max(float(y.max()), 0.0), grid + 1)[1:]
-    best = max((score(choose_qparams(lo, hi, obs.bits, obs.symmetric, obs.narrow)), i, j)
-               for i, lo in enumerate(lows) for j, hi in enumerate(highs))
+    candidates = [(lo, hi, choose_qparams(lo, hi, obs.bits, obs.symmetric, obs.narrow)) for lo in lows for hi in highs]
+    best, k = max((score(qp), k) for k, (_, _, qp) in enumerate(candidates))
     n = len(y)
-    if best[0] <= before:  # no grid range does better than the calibrated one: keep it (held)
+    if best <= before:  # no grid range does better than the calibrated one: keep it (held)
         obs.frozen = True
         return {"agreement_before": 100.0 * before[0] / n, "agreement_after": 100.0 * before[0] / n,
                 "range_before": old_range, "range_after": old_range}
-    lo, hi = lows[best[1]], highs[best[2]]
+    lo, hi, qp = candidates[k]
     if isinstance(fq, LSQQuantize):  # a QAT model: the step size and zero point are the quantizer's own
-        qp = choose_qparams(lo, hi, obs.bits, obs.symmetric, obs.narrow)
         fq.scale.data.copy_(qp.scale.reshape(fq.scale.shape))
         fq.zero_point.copy_(qp.zero_point.reshape(fq.zero_point.shape))
         if fq.offset is not None:
             fq.offset.data.copy_((-qp.scale * qp.zero_point).reshape(fq.offset.shape))
     else:
         hold_range(fq, lo, hi)
-    return {"agreement_before": 100.0 * before[0] / n, "agreement_after": 100.0 * best[0][0] / n,
+    return {"agreement_before": 100.0 * before[0] / n, "agreement_after": 100.0 * best[0] / n,
             "range_before": old_range, "range_after": (float(lo), float(hi))}
