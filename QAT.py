@@ -18,7 +18,8 @@ accuracy and the fq/int argmax agreement. Appends one row to runs/qat.csv (git-i
 results: the tracked table), saves the QAT checkpoint (every epoch, atomically: --resume continues it) and
 the integer model beside it.
 
-Defaults per bit width are in QAT_RECIPES (every value can be overridden on the command line);
+Defaults per bit width are in QAT_RECIPES, with per-model changes in MODEL_QAT_RECIPES (every value can be
+overridden on the command line);
 with --from-scratch the float training recipe (utils.recipes.model_recipe: epochs, lr, weight decay,
 augmentation) is used instead.
 """

@@ -59,6 +59,34 @@ def test_recipe_augmentation_fine_tuning_uses_the_data_sets_from_scratch_the_mod
     assert cfg("--augment", "flip,erase20")["augment"] == "flip,erase20"
 
 
+def test_model_qat_recipe_changes_only_its_model_and_bits_and_the_command_line_wins(monkeypatch):
+    import QAT
+    from utils import recipes
+    from utils.args import qat_parser
+
+    def cfg(model, bits, *argv):
+        return QAT.fill_recipe(QAT.parse_args(["--dataset", "cifar10", "--model", model, "--bits", str(bits), *argv]))
+
+    monkeypatch.setitem(recipes.MODEL_QAT_RECIPES, ("cifar10", "resnet20"), {3: dict(epochs=11, weight_range="mse")})
+    assert (cfg("resnet20", 3)["epochs"], cfg("resnet20", 3)["weight_range"]) == (11, "mse")
+    assert cfg("resnet20", 3)["lr"] == recipes.QAT_RECIPES[3]["lr"]                  # the rest stays the bit width's
+    assert cfg("resnet20", 3)["freeze_bn"] == recipes.QAT_RECIPES[3]["freeze_bn"] * 11  # fractions of its epochs
+    assert cfg("resnet20", 4)["epochs"] == recipes.QAT_RECIPES[4]["epochs"]            # other bit widths
+    assert cfg("cnn", 3)["epochs"] == recipes.QAT_RECIPES[3]["epochs"]                 # other models
+    assert cfg("resnet20", 3, "--epochs", "2")["epochs"] == 2
+    assert "cifar10 resnet20 11 at 3" in " ".join(qat_parser().format_help().split())
+
+
+def test_shipped_model_qat_recipes_keep_the_bit_widths_quantizer():
+    from utils import recipes
+    from utils.cli import check_names
+    for (dataset, model), per_bits in recipes.MODEL_QAT_RECIPES.items():
+        check_names(dataset, model)  # a known model of a known data set
+        for bits, changes in per_bits.items():
+            assert bits in recipes.QAT_RECIPES and set(changes) <= set(recipes.COMMON) | set(recipes.QAT_RECIPES[bits])
+            assert "quantizer" not in changes, "README's QAT table finds a model's default run by the bit width's quantizer"
+
+
 @pytest.mark.slow
 def test_distillation_flags_recorded_and_checked(tmp_path):
     import QAT

@@ -194,6 +194,27 @@ def test_report_tables_drop_rows_of_a_retrained_checkpoint():
     assert not from_shipped(dict(row, float_ckpt="/tmp/other.pt"))
 
 
+def test_qat_table_bars_and_distillation_column(tmp_path):
+    from utils.report import qat_bar, render_qat, shipped_float_acc
+    assert (qat_bar("cifar10", 4), qat_bar("cifar10", 4, "cnn"), qat_bar("fashion_mnist", 4, "cnn_bn")) == (3.0, 3.0, 1.0)
+    assert (qat_bar("cifar10", 4, "resnet20"), qat_bar("cifar10", 8, "resnet8"), qat_bar("cifar10", 6, "mobilenetv2")) == (
+        2.0, 0.3, 1.0)  # issue #17's bars for the zoo
+    assert qat_bar("cifar10", 3, "resnet8") is None and qat_bar("cifar10", 2) is None  # reported only
+    acc = shipped_float_acc("cifar10", "resnet8")
+    row = {"dataset": "cifar10", "model": "resnet8", "bits": "4", "per_channel": "True", "rounding": "ref",
+           "from_scratch": "False", "seed": "0", "quantizer": "lsq", "epochs": "12", "lr": "0.01",
+           "kd_weight": "0.5", "kd_temp": "4.0", "float_acc": f"{acc:.2f}", "ptq_fq_acc": "65.00",
+           "fq_acc": f"{acc - 2.9:.2f}", "int_acc": f"{acc - 2.9:.2f}", "agreement": "100.0", "seconds": "60",
+           "git_commit": "abc", "data_source": "jpeg-copy", "float_ckpt": "ckpt/cifar10_resnet8.pt"}
+    with open(tmp_path / "qat.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        w.writeheader()
+        w.writerows([row, dict(row, bits="6", kd_weight="0.0", int_acc=f"{acc - 0.6:.2f}")])
+    six, four = render_qat(tmp_path).splitlines()[2:]  # more bits first
+    assert "| 0.5, T 4 |" in four and "| -2.90 | ≥ −3.0 met |" in four
+    assert "| — |" in six and "| -0.60 | ≥ −0.5 **not met** |" in six
+
+
 @pytest.mark.slow
 def test_shards_and_listed_commands_cover_the_grid_once(tmp_path):
     """Two --shard runs write every cell once and equal a single run; --list prints one command per

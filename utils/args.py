@@ -5,7 +5,7 @@ Every flag that several scripts take (--dataset, --model, --bits, --data-root, -
 --calib-batch-size, --resume, --stop-after) is defined once in SHARED, with one help text and one
 default; a script that needs another default passes it (``add_shared(..., defaults=...)``), and a
 script-specific remark is appended to the one text (``details``). Help texts that state a recipe
-default are generated from utils/recipes.py (RECIPES, MODEL_RECIPES, QAT_RECIPES, COMMON) and the
+default are generated from utils/recipes.py (RECIPES, MODEL_RECIPES, QAT_RECIPES, MODEL_QAT_RECIPES, COMMON) and the
 quantization defaults are QuantConfig's (quant/config.py), so they cannot drift from what the scripts use.
 
 A run appends its result rows to runs/ (RUNS_DIR, git-ignored) unless --results-dir names another place:
@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from quant.config import QuantConfig
-from utils.recipes import COMMON, MODEL_RECIPES, ONE_CYCLE, QAT_RECIPES, RECIPES, model_recipe
+from utils.recipes import (COMMON, MODEL_QAT_RECIPES, MODEL_RECIPES, ONE_CYCLE, QAT_RECIPES, RECIPES, model_recipe,
+                           qat_recipe)
 
 #: where a run's result rows and plots go without --results-dir (git-ignored, so a user's runs leave the
 #: checkout clean); results/ is what reproduce.py writes and utils.report reads
@@ -184,15 +185,20 @@ def dataset_default(key: str) -> str:
 
 
 def qat_default(key: str) -> str:
-    """QAT.py's default of ``key`` per bit width (QAT_RECIPES, else COMMON), e.g. 'ste at 7-8 bits, lsq at 2-6'."""
+    """QAT.py's default of ``key`` per bit width (QAT_RECIPES, else COMMON), e.g. 'ste at 7-8 bits, lsq at 2-6',
+    then the models whose recipe changes it (MODEL_QAT_RECIPES), e.g. ' (cifar10 resnet8 6 at 6, 12 at 4)'."""
     per_bits = {b: r.get(key, COMMON.get(key)) for b, r in QAT_RECIPES.items()}
     values: dict[str, list[int]] = {}
     for b, v in sorted(per_bits.items(), reverse=True):
         values.setdefault(_fmt(v), []).append(b)
+    models = [f"{d} {m} " + ", ".join(f"{_fmt(c[key])} at {b}" for b, c in sorted(changes.items(), reverse=True)
+                                      if key in c)
+              for (d, m), changes in MODEL_QAT_RECIPES.items() if any(key in c for c in changes.values())]
+    extra = f" ({'; '.join(models)})" if models else ""
     if len(values) == 1:
-        return _esc(next(iter(values)))
+        return _esc(next(iter(values)) + extra)
     parts = [f"{v} at {_bit_ranges(bs)}" for v, bs in values.items()]
-    return _esc(parts[0] + " bits, " + ", ".join(parts[1:]))
+    return _esc(parts[0] + " bits, " + ", ".join(parts[1:]) + extra)
 
 
 # ---- train.py ----
@@ -324,7 +330,8 @@ def qat_parser(description: str | None = None) -> argparse.ArgumentParser:
                    f"(default: {qat_default('observer')}, PTQ.py's)")
     add_shared(q, "calib_batches", "rounding", "per_tensor", defaults={"calib_batches": None},
                default_texts={"calib_batches": qat_default("calib_batches")})
-    rec = add_group(p, "training recipe", "a flag left out takes QAT_RECIPES[--bits] and COMMON "
+    rec = add_group(p, "training recipe", "a flag left out takes QAT_RECIPES[--bits] and COMMON, with the "
+                               "model's changes in MODEL_QAT_RECIPES "
                                "(utils/recipes.py); with --from-scratch, epochs, lr, weight decay and augmentation "
                                "come from train.py's recipe")
     scratch = "; --from-scratch: train.py's, {}"
@@ -393,7 +400,7 @@ def fill_qat_recipe(args: argparse.Namespace) -> dict:
     # Fine-tuning uses the data set's augmentation, not a model's extra regularisation
     # (utils.recipes.MODEL_RECIPES): a few QAT epochs must fit the quantized weights, and extra augmentation
     # costs accuracy there (Fashion-MNIST cnn_bn, 4 bits lsq: 91.18% without flips, 90.84% with).
-    cfg = dict(COMMON, **QAT_RECIPES[args.bits], label_smoothing=train_recipe["label_smoothing"],
+    cfg = dict(qat_recipe(args.dataset, args.model, args.bits), label_smoothing=train_recipe["label_smoothing"],
                augment=RECIPES[args.dataset]["augment"])
     if args.from_scratch:  # (no trained float model to distil)
         cfg.update(epochs=train_recipe["epochs"], lr=train_recipe["lr"], weight_decay=train_recipe["weight_decay"],

@@ -153,32 +153,43 @@ def render_int_speed(results: Path) -> str:
     return "\n".join(lines)
 
 
-#: issue #4's bar for QAT accuracy: the most a default run may lose against the float model, by bits
-#: (and data set at 4 bits); 3 and 2 bits are reported only
+#: the bar for QAT accuracy: the most a default run may lose against the float model, by bits (and data
+#: set at 4 bits; issue #4, the seed's nets), or by model and bits (issue #17, the CIFAR-10 zoo); 3 and 2
+#: bits are reported only
 QAT_MAX_DROP = {8: 0.2, 6: 0.5, (4, "fashion_mnist"): 1.0, (4, "cifar10"): 3.0}
+ZOO_QAT_MAX_DROP = {"resnet8": {8: 0.3, 6: 0.5, 4: 3.0}, "resnet20": {8: 0.3, 6: 0.5, 4: 2.0},
+                    "mobilenetv2": {8: 0.5, 6: 1.0, 4: 3.0}}
 
 
-def qat_bar(dataset: str, bits: int) -> float | None:
+def qat_bar(dataset: str, bits: int, model: str = "") -> float | None:
+    if model in ZOO_QAT_MAX_DROP:
+        return ZOO_QAT_MAX_DROP[model].get(bits)
     return QAT_MAX_DROP.get(bits, QAT_MAX_DROP.get((bits, dataset)))
+
+
+def _distilled(row: dict[str, str]) -> str:
+    """'—', or the distillation weight and temperature of a QAT row ('0.5, T 4')."""
+    weight = float(row.get("kd_weight") or 0)
+    return "—" if weight == 0 else f"{weight:g}, T {float(row.get('kd_temp') or 1):g}"
 
 
 def render_qat(results: Path) -> str:
     """QAT.py rows fine-tuned from the shipped checkpoints (per-channel, ref rounding): the latest per
-    data set, model, bits and quantizer, with the bar of issue #4 where it sets one (for the default
-    quantizer of that bit width, utils.recipes.QAT_RECIPES). Seed 0 only, the default command's: reproduce.py
-    --seeds N adds rows of other seeds, which RESULTS.md averages."""
+    data set, model, bits and quantizer, with the bar of issue #4 (#17 for the zoo) where it sets one (for
+    the default quantizer of that bit width, utils.recipes.QAT_RECIPES). Seed 0 only, the default command's:
+    reproduce.py --seeds N adds rows of other seeds, which RESULTS.md averages."""
     latest: dict[tuple[str, str, int, str], dict[str, str]] = {}
     for r in read_rows(results / "qat.csv"):
         if (r["per_channel"] == "True" and r["rounding"] == "ref" and from_shipped(r)
                 and r["from_scratch"] == "False" and r["seed"] == "0"):
             latest[(r["dataset"], r["model"], int(r["bits"]), r["quantizer"])] = r
-    lines = ["| data set | model | bits | quantizer | epochs | lr | float | PTQ start | QAT fake-quant | integer engine "
-             "| Δ vs float | bar (default quantizer) | fq/int agreement | wall time | commit |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| data set | model | bits | quantizer | epochs | lr | distilled | float | PTQ start | QAT fake-quant "
+             "| integer engine | Δ vs float | bar (default quantizer) | fq/int agreement | wall time | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (ds, model, bits, qz), r in sorted(latest.items(), key=lambda kv: (kv[0][0] != "fashion_mnist", kv[0][1],
                                                                           -kv[0][2], kv[0][3])):
         delta = float(r["int_acc"]) - float(r["float_acc"])
-        bar = qat_bar(ds, bits)
+        bar = qat_bar(ds, bits, model)
         if qz != default_quantizer(bits):
             bar_txt = f"(default is {default_quantizer(bits)})"
         elif bar is None:
@@ -186,7 +197,7 @@ def render_qat(results: Path) -> str:
         else:
             bar_txt = f"≥ −{bar:.1f} {'met' if delta >= -bar - 1e-9 else '**not met**'}"
         lines.append(f"| {dataset_label(ds, r.get('data_source', ''))} | {model} | {bits} | {qz} | {r['epochs']} "
-                     f"| {r['lr']} | {float(r['float_acc']):.2f}% | {float(r['ptq_fq_acc']):.2f}% "
+                     f"| {r['lr']} | {_distilled(r)} | {float(r['float_acc']):.2f}% | {float(r['ptq_fq_acc']):.2f}% "
                      f"| {float(r['fq_acc']):.2f}% | {float(r['int_acc']):.2f}% | {delta:+.2f} | {bar_txt} "
                      f"| {float(r['agreement']):.2f}% | {float(r['seconds']) / 60:.1f} min | {r['git_commit']} |")
     return "\n".join(lines)
