@@ -186,7 +186,7 @@ def dataset_default(key: str) -> str:
 
 def qat_default(key: str) -> str:
     """QAT.py's default of ``key`` per bit width (QAT_RECIPES, else COMMON), e.g. 'ste at 7-8 bits, lsq at 2-6',
-    then the models whose recipe changes it (MODEL_QAT_RECIPES), e.g. ' (cifar10 resnet8 6 at 6, 12 at 4)'."""
+    then the models whose recipe changes it (MODEL_QAT_RECIPES), e.g. ' (cifar10 resnet8 6 at 6, 24 at 4)'."""
     per_bits = {b: r.get(key, COMMON.get(key)) for b, r in QAT_RECIPES.items()}
     values: dict[str, list[int]] = {}
     for b, v in sorted(per_bits.items(), reverse=True):
