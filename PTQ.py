@@ -43,7 +43,8 @@ def quant_config(args: argparse.Namespace, model: torch.nn.Module) -> quant.Quan
         layers += quant.first_last(model, args.first_last)
     layers += [quant.parse_layer_settings(text) for text in (args.layer or [])]
     return quant.QuantConfig(weight_bits=args.weight_bits or args.bits, act_bits=args.act_bits or args.bits,
-                             per_channel=not args.per_tensor, observer=args.observer, weight_range=args.weight_range,
+                             per_channel=not args.per_tensor, fc_per_channel=args.fc_per_channel,
+                             observer=args.observer, weight_range=args.weight_range,
                              percentile=args.percentile, calib_batches=args.calib_batches, rounding=args.rounding,
                              layers=tuple(layers))
 

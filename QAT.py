@@ -62,17 +62,20 @@ def main() -> int:
     t0 = time.perf_counter()
     cfg = fill_recipe(args)
     qcfg = quant.QuantConfig(weight_bits=args.weight_bits or args.bits, act_bits=args.act_bits or args.bits,
-                             per_channel=not args.per_tensor,
+                             per_channel=not args.per_tensor, fc_per_channel=args.fc_per_channel,
                              observer=cfg["observer"], weight_range=cfg["weight_range"],
                              calib_batches=cfg["calib_batches"], rounding=args.rounding,
                              ema_momentum=cfg["ema_momentum"])
     qat_cfg = quant.QATConfig(quantizer=cfg["quantizer"], freeze_bn=cfg["freeze_bn"],
                               freeze_observers=cfg["freeze_observers"], ema_momentum=cfg["ema_momentum"])
     ctx, device = distributed.setup(args.device)
+    finished = False
     try:
-        return run(args, cfg, qcfg, qat_cfg, ctx, device, t0)
+        code = run(args, cfg, qcfg, qat_cfg, ctx, device, t0)
+        finished = True
+        return code
     finally:
-        distributed.cleanup()
+        distributed.cleanup(finished)
 
 
 def run(args: argparse.Namespace, cfg: dict, qcfg: quant.QuantConfig, qat_cfg: quant.QATConfig,

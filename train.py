@@ -57,10 +57,13 @@ def main() -> int:
     args = parse_args()
     cfg = fill_recipe(args)
     ctx, device = distributed.setup(args.device)
+    finished = False
     try:
-        return run(args, cfg, ctx, device)
+        code = run(args, cfg, ctx, device)
+        finished = True
+        return code
     finally:
-        distributed.cleanup()
+        distributed.cleanup(finished)
 
 
 def run(args: argparse.Namespace, cfg: dict, ctx: distributed.Dist, device: torch.device) -> int:

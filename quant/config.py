@@ -19,15 +19,18 @@ class QuantConfig:
     """Settings of one quantized model (serialised into every checkpoint and result row).
 
     The defaults are the scripts' (PTQ.py's flags take theirs from here, and QAT.py's PTQ start too):
-    8 bits, per-channel conv weights, observer 'mse', weight_range 'minmax', percentile 99.99,
-    ema_momentum 0.9, calib_batches 32, rounding 'ref', no per-layer settings. So
+    8 bits, per-channel conv weights, per-tensor fully-connected weights, observer 'mse', weight_range
+    'minmax', percentile 99.99, ema_momentum 0.9, calib_batches 32, rounding 'ref', no per-layer settings. So
     ``quant.quantize(model, QuantConfig())`` calibrated on PTQ.py's batches gives PTQ.py's figures.
 
     weight_bits / act_bits: 2..8. Weights are symmetric, narrow range
         [-(2^(b-1)-1), 2^(b-1)-1], zero point 0. Activations (the normalised input and
         every layer output) are asymmetric, signed, [-2^(b-1), 2^(b-1)-1].
-    per_channel: per-output-channel scales for conv weights (fully-connected weights are
-        always per tensor, as in the TFLite spec).
+    per_channel: per-output-channel scales for conv weights (depthwise included).
+    fc_per_channel: per-output-channel scales for fully-connected weights too. Off by default: the
+        classic TFLite converter writes FULLY_CONNECTED weights per tensor, and so do the tables here.
+        LiteRT's three kernel sets and TFLM run per-channel FULLY_CONNECTED weights with the same
+        rounding as per tensor (checked bit for bit in tests/test_quant_export_tflite.py).
     observer: activation calibrator, a name from ``quant.observers.OBSERVERS``: 'minmax', 'ema', 'mse'
         (least squared error), 'percentile' (the ``percentile``-th percentile of each tail), 'entropy'
         (least KL divergence, TensorRT's calibrator).
@@ -51,6 +54,7 @@ class QuantConfig:
     weight_bits: int = 8
     act_bits: int = 8
     per_channel: bool = True
+    fc_per_channel: bool = False
     observer: str = "mse"
     weight_range: str = "minmax"
     ema_momentum: float = 0.9
@@ -66,8 +70,9 @@ class QuantConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not 2 <= v <= 8:
                 raise QuantError(f"{name} must be an integer in 2..8, got {v!r}; pick a bit width from 2 to 8")
-        if not isinstance(self.per_channel, bool):
-            raise QuantError(f"per_channel must be True or False, got {self.per_channel!r}")
+        for name in ("per_channel", "fc_per_channel"):
+            if not isinstance(getattr(self, name), bool):
+                raise QuantError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.observer not in OBSERVERS:
             raise QuantError(f"unknown observer {self.observer!r}; choose one of: {', '.join(OBSERVERS)}")
         if self.weight_range not in WEIGHT_RANGES:
@@ -109,11 +114,11 @@ class QuantConfig:
 
     @property
     def tag(self) -> str:
-        """Short id such as ``w4a8-per_channel`` for file names, test ids and result rows (``-mixed`` when
-        some layers have their own bits)."""
+        """Short id such as ``w4a8-per_channel`` for file names, test ids and result rows (``-fc_per_channel``
+        with per-channel fully-connected weights, ``-mixed`` when some layers have their own bits)."""
         mixed = any({"weight_bits", "act_bits"} & set(f) for _, f in self.layers)
         return (f"w{self.weight_bits}a{self.act_bits}-{'per_channel' if self.per_channel else 'per_tensor'}"
-                f"{'-mixed' if mixed else ''}")
+                f"{'-fc_per_channel' if self.fc_per_channel else ''}{'-mixed' if mixed else ''}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of every field (for checkpoints and CSV rows)."""

@@ -16,9 +16,10 @@ graph, one op per integer layer:
     float32 input (N, H, W, C) -> QUANTIZE -> graph of
       CONV_2D / DEPTHWISE_CONV_2D (per-channel int8, int32 bias, fused RELU / RELU6 / RELU_N1_TO_1;
         a PAD with the zero point first where TFLite's SAME cannot express the padding)
-      FULLY_CONNECTED (per-tensor int8), ADD (own output scale), CONCATENATION (shared scale),
-      MAX_POOL_2D / RESHAPE [-1, K] (the input's scale), MAXIMUM / MINIMUM (clamps); average pooling as
-        a DEPTHWISE_CONV_2D with weights 1 at scale 1/n (``IntAvgPool2d``: XNNPACK delegates it)
+      FULLY_CONNECTED (int8, per tensor; per channel on axis 0 with fc_per_channel), ADD (own output
+      scale), CONCATENATION (shared scale), MAX_POOL_2D / RESHAPE [-1, K] (the input's scale), MAXIMUM /
+      MINIMUM (clamps); average pooling as a DEPTHWISE_CONV_2D with weights 1 at scale 1/n
+        (``IntAvgPool2d``: XNNPACK delegates it)
     -> int8 logits (the engine's ``forward_int``)
 
 with ``int8_input=True`` the file takes the quantized int8 tensor instead (no QUANTIZE). Layout is
@@ -459,9 +460,8 @@ class _Emitter:
         else:
             q = r.q
             w_scale = q["w_scale"].float().reshape(-1)
-            per_channel = op != "FULLY_CONNECTED"
-            if not per_channel and w_scale.numel() > 1 and not bool((w_scale == w_scale[0]).all()):
-                raise QuantError(f"cannot export {r.name}: per-channel fully-connected weights; use one scale")
+            # a fully connected layer's scales are one per tensor unless they differ (fc_per_channel)
+            per_channel = op != "FULLY_CONNECTED" or not bool((w_scale == w_scale[0]).all())
             w_scale = w_scale if per_channel else w_scale[:1]
             zeros = [0] * w_scale.numel()
             w = self.g.const(f"{r.name}/weight", weight.numpy().astype(np.int8),

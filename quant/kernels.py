@@ -20,8 +20,8 @@ SRDHM + RoundingDivideByPOT, fully connected single rounding), 'builtin' (ruy: t
 'xnnpack' (float32 scale, round half to even), 'tflm' (TensorFlow Lite Micro: as 'ref', but fully
 connected rounds as conv does). Multipliers: conv
 M = double(s_in) * double(s_w[c]) / double(s_out) (TFLite ``PopulateConvolutionQuantizationParams``),
-per-tensor fully connected the same (LiteRT's ``GetQuantizedConvolutionMultipler`` multiplies the
-scales in double; a float32 product gave a Fashion-MNIST cnn_bn logit one step off the reference
+fully connected the same, per tensor or per channel (LiteRT's ``GetQuantizedConvolutionMultipler``
+multiplies the scales in double; a float32 product gave a Fashion-MNIST cnn_bn logit one step off the reference
 kernel's, accumulator -13911); XNNPACK float(float(s_in * s_w[c]) / s_out).
 
 Fused activations clamp to [act_min, act_max] = the b-bit range narrowed by the activation's float
@@ -269,7 +269,8 @@ class IntConv2d(_IntWeighted):
 
 @_register
 class IntLinear(_IntWeighted):
-    """Integer fully connected (per-tensor weights), fused ReLU as a clamp at the output zero point."""
+    """Integer fully connected (per-tensor or per-channel weights), fused ReLU as a clamp at the output zero
+    point."""
 
     kind = "fc"
     attrs = _IntWeighted.common

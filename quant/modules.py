@@ -9,7 +9,8 @@ Data flow of one weighted layer (``QConv2d``, ``QLinear`` and their fused varian
       -> [ReLU] -> act_quant (observer + fake quantization at act_bits) -> output
 
 * weights: symmetric, narrow [-(2^(b-1)-1), 2^(b-1)-1], zero point 0, per output channel for conv
-  (``cfg.per_channel``), per tensor for fully connected; qparams from the current weights.
+  (``cfg.per_channel``), per tensor for fully connected (per channel with ``cfg.fc_per_channel``);
+  qparams from the current weights.
 * bias: int32 grid with scale input_scale * weight_scale[c] (float32 product), zero point 0, so the
   fake-quant and the integer engine compute the same thing.
 * activations: asymmetric, signed [-2^(b-1), 2^(b-1)-1]; a fused ReLU means the observer sees the
@@ -569,7 +570,8 @@ class QConvBN(QConvBNReLU):
 
 
 class QLinear(_QWeighted):
-    """Fake-quant Linear (``relu=True``: Linear + ReLU fused). Weights always per tensor (TFLite FC)."""
+    """Fake-quant Linear (``relu=True``: Linear + ReLU fused). Weights per tensor (TFLite's classic FC), per
+    output channel with ``cfg.fc_per_channel``."""
 
     pattern = (nn.Linear,)
 
@@ -580,7 +582,7 @@ class QLinear(_QWeighted):
         self.weight = nn.Parameter(linear.weight.detach().clone())
         self.bias = nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
         self.act = (0.0, math.inf) if relu else act
-        self.weight_quant = weight_quantizer(cfg, per_channel=False)
+        self.weight_quant = weight_quantizer(cfg, cfg.fc_per_channel)
         self.act_quant = act_quantizer(cfg)
 
     @classmethod

@@ -34,17 +34,23 @@ def _dry_run_accuracies(dataset: str, model: str, seed: int, int_path) -> tuple[
 def test_dry_run_json_and_csv(tmp_path, dataset, model):
     csv_path, out = tmp_path / "ptq.csv", tmp_path / "int.pt"
     for bits in (8, 3):
+        fc = ["--fc-per-channel"] if bits == 3 else []
         r = run_script("PTQ.py", "--dataset", dataset, "--model", model, "--bits", str(bits), "--dry-run",
                        "--device", "cpu", "--calib-batches", "2", "--results-dir", str(tmp_path), "--out", str(out),
-                       "--json")
+                       "--json", *fc)
         assert r.returncode == 0, r.stderr
         row = _last_json(r.stdout)
         assert row["bits"] == bits and row["weight_bits"] == bits and row["act_bits"] == bits
+        assert row["fc_per_channel"] == bool(fc)
         assert row["agreement"] == 100.0  # fake quantization simulates the engine's requantization
         assert row["fq_acc"] == row["int_acc"]  # so the two give the same accuracy
         float_acc, int_acc, meta = _dry_run_accuracies(dataset, model, row["seed"], out)
         assert (row["float_acc"], row["int_acc"]) == (float_acc, int_acc)
         assert meta["metrics"] == {k: row[k] for k in ("float_acc", "fq_acc", "int_acc")}
+        from quant import load_integer
+        fc_scales = [m.w_scale.unique().numel() for m in load_integer(out)[0].modules()
+                     if type(m).__name__ == "IntLinear"]
+        assert fc_scales and all((n > 1) == bool(fc) for n in fc_scales)
     rows = list(csv.DictReader(open(csv_path)))
     assert [int(r["bits"]) for r in rows] == [8, 3] and out.exists()
 

@@ -12,6 +12,7 @@ from tests.graph_models import GRAPH_MODELS
     ({"observer": "percentile9"}, "observer"), ({"ema_momentum": 1.0}, "ema_momentum"),
     ({"calib_batches": 0}, "calib_batches"), ({"rounding": "tflite"}, "rounding"),
     ({"per_channel": "yes"}, "per_channel"), ({"weight_range": "entropy"}, "weight_range"),
+    ({"fc_per_channel": 1}, "fc_per_channel"),
 ])
 def test_config_validation(kwargs, match):
     with pytest.raises(QuantError, match=match) as e:
@@ -23,6 +24,11 @@ def test_config_roundtrip():
     cfg = QuantConfig(weight_bits=4, act_bits=6, per_channel=False, observer="ema")
     assert QuantConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.tag == "w4a6-per_tensor"
+    pc = QuantConfig(weight_bits=4, act_bits=4, fc_per_channel=True)
+    assert QuantConfig.from_dict(pc.to_dict()) == pc and pc.tag == "w4a4-per_channel-fc_per_channel"
+    old = cfg.to_dict()
+    del old["fc_per_channel"]  # a checkpoint written before the field: per-tensor fully-connected weights
+    assert QuantConfig.from_dict(old).fc_per_channel is False
     with pytest.raises(QuantError, match="unknown"):
         QuantConfig.from_dict({**cfg.to_dict(), "bogus": 1})
 

@@ -86,6 +86,35 @@ def test_int8_clamped_model_needs_no_clamp_ops_and_is_fully_delegated(fmnist_dat
     assert int(ours.abs().max()) > 8  # the logits leave the 4-bit range: LiteRT's fused clamps are int8
 
 
+@needs_litert
+@pytest.mark.parametrize("bits", [8, 4], ids=lambda b: f"w{b}a{b}")
+def test_per_channel_fully_connected_is_bit_exact_with_every_runtime(bits):
+    """fc_per_channel: the file's FULLY_CONNECTED weights carry one scale per output row, and each runtime
+    computes what the engine computes in its rounding, including 'ref' and 'tflm', whose fully-connected
+    roundings differ on these inputs (so the equality tells them apart)."""
+    torch.manual_seed(bits)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(256, 300), nn.ReLU(), nn.Linear(300, 200)).eval()
+    with torch.no_grad():  # output rows of very different ranges: per-channel scales differ
+        model[1].weight.mul_(torch.rand(300, 1) * 3)
+        model[3].weight.mul_(torch.rand(200, 1) * 3)
+    shape = (1, 16, 16)
+    q = quantize(model, QuantConfig(weight_bits=bits, act_bits=bits, fc_per_channel=True))
+    calibrate(q, [torch.randn(128, *shape) for _ in range(2)])
+    imodel = convert(q)
+    data = export_tflite(imodel, None, shape)
+    scales = sorted(len(t["quantization_parameters"]["scales"])
+                    for t in TFLiteRunner(data, "ref").interp.get_tensor_details() if t["name"].endswith("/weight"))
+    assert scales == [200, 300]
+    x = 1.5 * torch.randn(1000, *shape)
+    outs = {}
+    for mode in RUNTIMES:
+        imodel.rounding = mode
+        outs[mode] = imodel.forward_int(x)
+        theirs = make_runner(data, mode)(x).to(torch.int32)
+        assert torch.equal(outs[mode], theirs), f"{mode}: {int((outs[mode] != theirs).sum())} logits differ"
+    assert not torch.equal(outs["ref"], outs["tflm"])
+
+
 @pytest.mark.slow
 @needs_litert
 def test_int8_input_and_resizable_batch(fmnist_data):

@@ -32,13 +32,16 @@ LAYERS = {
 def test_integer_layer_matches_fake_quant(layer, bits, rounding):
     torch.manual_seed(bits)
     model = _randomise_bn(LAYERS[layer](), seed=bits)
-    per_channel = bits % 2 == 0  # both weight modes across the bit widths
+    per_channel = bits % 2 == 0  # both weight modes across the bit widths, for conv and fully connected
     # the fake-quant model rounds as the runtime does (eval mode, frozen ranges): equal to the engine
     q = quantize(model, QuantConfig(observer="minmax", weight_bits=bits, act_bits=bits, per_channel=per_channel,
-                                    rounding=rounding))
+                                    fc_per_channel=per_channel, rounding=rounding))
     calibrate(q, [torch.randn(16, 3, 8, 8) for _ in range(2)])
     imodel = convert(q)
     assert imodel.rounding == rounding
+    for m in q.modules():  # the weight scales are per output channel exactly where asked
+        if hasattr(m, "weight_quant"):
+            assert (m.weight_quant.qparams().scale.numel() > 1) == per_channel
     x = torch.randn(64, 3, 8, 8) * 1.3  # wider than calibration: exercises the clamps
     with torch.no_grad():
         fq = q(x)

@@ -195,6 +195,7 @@ def test_report_tables_drop_rows_of_a_retrained_checkpoint():
 
 
 def test_qat_table_bars_and_distillation_column(tmp_path):
+    from utils.io import append_csv_row
     from utils.report import qat_bar, render_qat, shipped_float_acc
     assert (qat_bar("cifar10", 4), qat_bar("cifar10", 4, "cnn"), qat_bar("fashion_mnist", 4, "cnn_bn")) == (3.0, 3.0, 1.0)
     assert (qat_bar("cifar10", 4, "resnet20"), qat_bar("cifar10", 8, "resnet8"), qat_bar("cifar10", 6, "mobilenetv2")) == (
@@ -213,6 +214,9 @@ def test_qat_table_bars_and_distillation_column(tmp_path):
     six, four = render_qat(tmp_path).splitlines()[2:]  # more bits first
     assert "| 0.5, T 4 |" in four and "| -2.90 | ≥ −3.0 met |" in four
     assert "| — |" in six and "| -0.60 | ≥ −0.5 **not met** |" in six
+    # a later run with per-channel fully-connected weights is not the table's setting: it replaces no row
+    append_csv_row(tmp_path / "qat.csv", dict(row, int_acc=f"{acc - 1.0:.2f}", fc_per_channel="True"))
+    assert render_qat(tmp_path).splitlines()[2:] == [six, four]
 
 
 @pytest.mark.slow

@@ -1,9 +1,9 @@
 """The command lines of the scripts: one definition per shared flag, the scripts' parsers, QAT.py's recipe.
 
 Every flag that several scripts take (--dataset, --model, --bits, --data-root, --device, --seed, --json,
---dry-run, --results-dir, and --ckpt, --weight-bits, --act-bits, --per-tensor, --rounding, --calib-batches,
---calib-batch-size, --resume, --stop-after) is defined once in SHARED, with one help text and one
-default; a script that needs another default passes it (``add_shared(..., defaults=...)``), and a
+--dry-run, --results-dir, and --ckpt, --weight-bits, --act-bits, --per-tensor, --fc-per-channel, --rounding,
+--calib-batches, --calib-batch-size, --resume, --stop-after) is defined once in SHARED, with one help text and
+one default; a script that needs another default passes it (``add_shared(..., defaults=...)``), and a
 script-specific remark is appended to the one text (``details``). Help texts that state a recipe
 default are generated from utils/recipes.py (RECIPES, MODEL_RECIPES, QAT_RECIPES, MODEL_QAT_RECIPES, COMMON) and the
 quantization defaults are QuantConfig's (quant/config.py), so they cannot drift from what the scripts use.
@@ -78,6 +78,9 @@ SHARED: dict[str, Flag] = {
     "weight_bits": Flag("bits of the weights", None, "--bits", dict(type=int, metavar="B")),
     "act_bits": Flag("bits of the input and every activation", None, "--bits", dict(type=int, metavar="B")),
     "per_tensor": Flag("one scale per conv weight tensor", False, "per channel", dict(action="store_true")),
+    "fc_per_channel": Flag("one scale per output channel of fully-connected weights too (bit-exact in LiteRT and TFLM; "
+                           "TFLite's classic converter writes one per tensor)", False, "per tensor",
+                           dict(action="store_true")),
     "rounding": Flag("integer requantization: ref, builtin, xnnpack (LiteRT kernel sets) or tflm",
                      QuantConfig.rounding, kwargs=dict(metavar="MODE")),
     "calib_batches": Flag("training batches for calibration", QuantConfig.calib_batches,
@@ -265,7 +268,7 @@ def ptq_parser(description: str | None = None) -> argparse.ArgumentParser:
     add_shared(common, "dataset", "model", "bits", "data_root", "device", "seed",
                details={"seed": "the calibration batches (and the random weights of --dry-run)"})
     q = add_group(p, "quantization settings")
-    add_shared(q, "weight_bits", "act_bits", "per_tensor")
+    add_shared(q, "weight_bits", "act_bits", "per_tensor", "fc_per_channel")
     q.add_argument("--observer", default=QuantConfig.observer, metavar="NAME", help="activation calibrator: mse "
                    "(clipped for least squared error), minmax, ema (moving average, momentum "
                    f"{QuantConfig.ema_momentum}), percentile (--percentile) or entropy (least KL divergence) "
@@ -328,7 +331,7 @@ def qat_parser(description: str | None = None) -> argparse.ArgumentParser:
                    f"(default: {qat_default('quantizer')})")
     q.add_argument("--observer", metavar="NAME", help="calibrator of the PTQ start, as PTQ.py's --observer "
                    f"(default: {qat_default('observer')}, PTQ.py's)")
-    add_shared(q, "calib_batches", "rounding", "per_tensor", defaults={"calib_batches": None},
+    add_shared(q, "calib_batches", "rounding", "per_tensor", "fc_per_channel", defaults={"calib_batches": None},
                default_texts={"calib_batches": qat_default("calib_batches")})
     rec = add_group(p, "training recipe", "a flag left out takes QAT_RECIPES[--bits] and COMMON, with the "
                                "model's changes in MODEL_QAT_RECIPES "

@@ -86,8 +86,14 @@ def _quiet() -> None:
     builtins.print = print_errors_only
 
 
-def cleanup() -> None:
+def cleanup(finished: bool) -> None:
+    """Leave the process group. ``finished`` (the run returned, no exception): wait for every rank first.
+    Rank 0 evaluates and writes after the others are done; a rank that tore its connections down while
+    rank 0 was still at work aborted now and then ("terminate called without an active exception"). After
+    an exception nothing waits, so a failing rank cannot hang the others."""
     if dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

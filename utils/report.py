@@ -95,6 +95,12 @@ def render_epoch_time(results: Path) -> str:
     return "\n".join(lines)
 
 
+def default_granularity(r: dict[str, str]) -> bool:
+    """A row of the tables' weight granularity: per-channel conv weights, per-tensor fully-connected weights
+    (rows written before ``fc_per_channel`` existed have no such column and were per tensor)."""
+    return r["per_channel"] == "True" and r.get("fc_per_channel", "False") != "True"
+
+
 def render_ptq(results: Path) -> str:
     """PTQ.py rows with per-channel weights and ref rounding from the shipped checkpoints: the latest
     per data set, model, bits and observer; the default observer (mse) in full, minmax beside it."""
@@ -102,7 +108,7 @@ def render_ptq(results: Path) -> str:
     for r in read_rows(results / "ptq.csv"):
         plain = (not r.get("methods") and not r.get("layers") and r.get("act_bits", r["weight_bits"]) == r["weight_bits"]
                  and r.get("percentile") in (None, "", "99.99"))
-        if plain and r["per_channel"] == "True" and r["rounding"] == "ref" and from_shipped(r):
+        if plain and default_granularity(r) and r["rounding"] == "ref" and from_shipped(r):
             latest[(r["dataset"], r["model"], int(r["bits"]), r["observer"])] = r
     lines = ["| data set | model | bits | float | fake-quant | integer engine | Δ vs float | fq/int argmax agreement "
              "| fake-quant with minmax ranges | fake-quant rounding once per layer |",
@@ -126,7 +132,7 @@ def render_ptq_methods(results: Path) -> str:
     names = [name for name, _, _ in COMPARISON]
     latest: dict[tuple[str, str, str], dict[str, dict[str, str]]] = {}
     for r in read_rows(results / "ptq_methods.csv"):
-        if r["per_channel"] == "True" and r["rounding"] == "ref" and from_shipped(r) and not r.get("layers"):
+        if default_granularity(r) and r["rounding"] == "ref" and from_shipped(r) and not r.get("layers"):
             latest.setdefault((r["dataset"], r["model"], f"W{r['weight_bits']}A{r['act_bits']}"), {})[r["name"]] = r
     if not latest:
         return "(no rows yet: run python PTQ.py --compare)"
@@ -180,7 +186,7 @@ def render_qat(results: Path) -> str:
     reproduce.py --seeds N adds rows of other seeds, which RESULTS.md averages."""
     latest: dict[tuple[str, str, int, str], dict[str, str]] = {}
     for r in read_rows(results / "qat.csv"):
-        if (r["per_channel"] == "True" and r["rounding"] == "ref" and from_shipped(r)
+        if (default_granularity(r) and r["rounding"] == "ref" and from_shipped(r)
                 and r["from_scratch"] == "False" and r["seed"] == "0"):
             latest[(r["dataset"], r["model"], int(r["bits"]), r["quantizer"])] = r
     lines = ["| data set | model | bits | quantizer | epochs | lr | distilled | float | PTQ start | QAT fake-quant "
