@@ -69,13 +69,8 @@ def main() -> int:
     qat_cfg = quant.QATConfig(quantizer=cfg["quantizer"], freeze_bn=cfg["freeze_bn"],
                               freeze_observers=cfg["freeze_observers"], ema_momentum=cfg["ema_momentum"])
     ctx, device = distributed.setup(args.device)
-    finished = False
-    try:
-        code = run(args, cfg, qcfg, qat_cfg, ctx, device, t0)
-        finished = True
-        return code
-    finally:
-        distributed.cleanup(finished)
+    with distributed.leaving_group():
+        return run(args, cfg, qcfg, qat_cfg, ctx, device, t0)
 
 
 def run(args: argparse.Namespace, cfg: dict, qcfg: quant.QuantConfig, qat_cfg: quant.QATConfig,

@@ -57,13 +57,8 @@ def main() -> int:
     args = parse_args()
     cfg = fill_recipe(args)
     ctx, device = distributed.setup(args.device)
-    finished = False
-    try:
-        code = run(args, cfg, ctx, device)
-        finished = True
-        return code
-    finally:
-        distributed.cleanup(finished)
+    with distributed.leaving_group():
+        return run(args, cfg, ctx, device)
 
 
 def run(args: argparse.Namespace, cfg: dict, ctx: distributed.Dist, device: torch.device) -> int:

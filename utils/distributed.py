@@ -23,10 +23,12 @@ a single-process one. What keeps N processes equal to one process with the same 
 from __future__ import annotations
 
 import builtins
+import contextlib
 import hashlib
 import os
 import sys
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -95,6 +97,17 @@ def cleanup(finished: bool) -> None:
         if finished:
             dist.barrier()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def leaving_group() -> Iterator[None]:
+    """Around a script's run: ``cleanup`` on the way out, waiting for the other ranks unless it raised."""
+    try:
+        yield
+    except BaseException:
+        cleanup(finished=False)
+        raise
+    cleanup(finished=True)
 
 
 def check_global_batch(batch_size: int, ctx: Dist) -> None:
