@@ -29,7 +29,7 @@ from quant.adaround import AdaRoundConfig
 from utils.args import ptq_parser, results_file
 from utils.cli import CLIError, one_line_errors, resolve_device, set_seed
 from utils.io import append_csv_row, versions
-from utils.pipeline import load_float_model, make_data, print_table, ptq_ckpt_path, write_outputs
+from utils.pipeline import flag_layers, load_float_model, make_data, print_table, ptq_ckpt_path, write_outputs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,15 +38,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def quant_config(args: argparse.Namespace, model: torch.nn.Module) -> quant.QuantConfig:
     """The QuantConfig of the command line (``model``: for --first-last)."""
-    layers: list = []
-    if args.first_last is not None:
-        layers += quant.first_last(model, args.first_last)
-    layers += [quant.parse_layer_settings(text) for text in (args.layer or [])]
     return quant.QuantConfig(weight_bits=args.weight_bits or args.bits, act_bits=args.act_bits or args.bits,
                              per_channel=not args.per_tensor, fc_per_channel=args.fc_per_channel,
                              observer=args.observer, weight_range=args.weight_range,
                              percentile=args.percentile, calib_batches=args.calib_batches, rounding=args.rounding,
-                             layers=tuple(layers))
+                             layers=flag_layers(args, model))
 
 
 @one_line_errors

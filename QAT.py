@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 import quant
-from utils.pipeline import (FreezeSchedule, build_qat_model, check_matches, load_float_model, load_teacher,
+from models import build_model
+from utils.pipeline import (FreezeSchedule, build_qat_model, check_matches, flag_layers, load_float_model, load_teacher,
                             make_loaders, make_optimizer, print_table, write_outputs)
 from utils import distributed
 from utils.args import fill_qat_recipe as fill_recipe, qat_parser
@@ -65,7 +66,8 @@ def main() -> int:
                              per_channel=not args.per_tensor, fc_per_channel=args.fc_per_channel,
                              observer=cfg["observer"], weight_range=cfg["weight_range"],
                              calib_batches=cfg["calib_batches"], rounding=args.rounding,
-                             ema_momentum=cfg["ema_momentum"])
+                             ema_momentum=cfg["ema_momentum"],
+                             layers=flag_layers(args, build_model(args.model, args.dataset)))
     qat_cfg = quant.QATConfig(quantizer=cfg["quantizer"], freeze_bn=cfg["freeze_bn"],
                               freeze_observers=cfg["freeze_observers"], ema_momentum=cfg["ema_momentum"])
     ctx, device = distributed.setup(args.device)
@@ -73,10 +75,23 @@ def main() -> int:
         return run(args, cfg, qcfg, qat_cfg, ctx, device, t0)
 
 
+def resume_checkpoint(out: Path, cfg: dict, qcfg: quant.QuantConfig) -> dict:
+    """The checkpoint --resume continues, made with this recipe and these quantization settings."""
+    ckpt = load_checkpoint(out, "run without --resume to start a new QAT run")
+    check_matches(ckpt, cfg, out)
+    if {k: v for k, v in ckpt["config"].items() if k != "seed"} != {k: v for k, v in cfg.items() if k != "seed"}:
+        raise CLIError(f"{out} was trained with a different recipe {ckpt['config']}; pass the same flags to --resume")
+    if quant.QuantConfig.from_dict(ckpt["quant_config"]) != qcfg:
+        raise CLIError(f"{out} was trained with other quantization settings ({ckpt['quant_config']}); pass the "
+                       f"same flags to --resume")
+    return ckpt
+
+
 def run(args: argparse.Namespace, cfg: dict, qcfg: quant.QuantConfig, qat_cfg: quant.QATConfig,
         ctx: distributed.Dist, device: torch.device, t0: float) -> int:
     distributed.check_global_batch(cfg["batch_size"], ctx)
     out = Path(args.out or f"results/ckpt/qat_{args.dataset}_{args.model}_{qcfg.tag}_{cfg['quantizer']}.pt")
+    ckpt = resume_checkpoint(out, cfg, qcfg) if args.resume else None  # checked before any work
     set_seed(args.seed)
     model, ckpt_path = load_float_model(argparse.Namespace(dataset=args.dataset, model=args.model, ckpt=args.ckpt,
                                                            dry_run=args.from_scratch))
@@ -94,11 +109,7 @@ def run(args: argparse.Namespace, cfg: dict, qcfg: quant.QuantConfig, qat_cfg: q
     opt, sched = make_optimizer(qmodel, cfg, len(train))
 
     start, metrics, ran = 0, {}, False
-    if args.resume:
-        ckpt = load_checkpoint(out, "run without --resume to start a new QAT run")
-        check_matches(ckpt, cfg, out)
-        if {k: v for k, v in ckpt["config"].items() if k != "seed"} != {k: v for k, v in cfg.items() if k != "seed"}:
-            raise CLIError(f"{out} was trained with a different recipe {ckpt['config']}; pass the same flags to --resume")
+    if ckpt is not None:
         qmodel.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])

@@ -7,7 +7,8 @@ TensorFlow Lite Micro.
     python export.py --dataset cifar10 --model cnn --float          # the float32 file, for comparisons
     python export.py --dataset fashion_mnist --model cnn --c-array  # also model.c / model.h for a TFLM app
 
-Source of the integer model: --from CHECKPOINT (an integer checkpoint saved by PTQ.py or QAT.py);
+Source of the integer model: --from CHECKPOINT (an integer checkpoint saved by PTQ.py or QAT.py, which
+names its data set, model and bits: leave those flags out);
 by default the PTQ checkpoint results/ckpt/ptq_<dataset>_<model>_w<B>a<B>-per_channel_mse.pt, and
 when that file is absent the model is made on the fly exactly as PTQ.py makes it with its defaults
 (quantize, calibrate on 32 training batches of 256 with the mse observer, seed 0, convert) and is not
@@ -49,7 +50,7 @@ from quant.tflm import pixel_map, tflm_arena_bytes, tflm_available, write_c_arra
 from utils.args import export_parser, results_file
 from utils.cli import CLIError, check_names, format_match, one_line_errors
 from utils.io import append_csv_row, versions
-from utils.pipeline import load_export_source, make_data
+from utils.pipeline import load_export_source, make_data, names_from_source
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,7 +58,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    check_names(args.dataset, args.model)
     if args.bits is None and not args.source:
         args.bits = quant.QuantConfig.act_bits
     if args.clamp not in ("bits", "int8"):
@@ -70,6 +70,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise CLIError("--dry-run writes only where --out names a place; pass --out FILE.tflite")
     if args.threads < 1:
         raise CLIError(f"--threads must be >= 1, got {args.threads}")
+    names_from_source(args)
+    check_names(args.dataset, args.model)
 
 
 def out_path(args: argparse.Namespace, source: Path) -> Path:

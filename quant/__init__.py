@@ -13,7 +13,7 @@ methods=(...))`` (quant/ptq.py; notes/methods.md); per-layer bits: ``QuantConfig
 """
 from quant.adaround import AdaRoundConfig, adaround
 from quant.act_tune import ActTuneConfig, act_tune
-from quant.checkpoint import load_integer, load_quantized, save_integer, save_quantized
+from quant.checkpoint import integer_meta, load_integer, load_quantized, save_integer, save_quantized
 from quant.config import QATConfig, QuantConfig, parse_layer_settings
 from quant.errors import QuantError
 from quant.evaluate import compare
@@ -37,7 +37,7 @@ __all__ = [
     "QuantConfig", "QATConfig", "parse_layer_settings", "AdaRoundConfig", "adaround", "ActTuneConfig", "act_tune", "output_range", "bias_correction", "equalize", "absorb_high_biases",
     "equalization_pairs", "weighted_layers", "layer_sensitivity", "greedy_weight_bits", "ptq", "ptq_methods", "METHODS", "COMPARISON", "first_last", "QuantError", "LSQQuantize", "QParams", "IntModel",
     "quantize", "calibrate", "calibration_mode", "convert", "set_fake_quant", "set_observers", "set_requant", "compare",
-    "save_quantized", "load_quantized", "save_integer", "load_integer",
+    "save_quantized", "load_quantized", "save_integer", "load_integer", "integer_meta",
     "choose_qparams", "quantize_tensor", "dequantize", "fake_quantize", "fold_bn", "model_graph",
     "quantize_multiplier", "multiply_by_quantized_multiplier",
     "prepare_qat", "set_bn_frozen", "set_bn_momentum", "set_fold_grad_scale", "set_act_observers",

@@ -86,6 +86,11 @@ def save_integer(path: str | Path, imodel: IntModel, meta: dict[str, Any] | None
                      "meta": dict(meta or {})}, path)
 
 
+def integer_meta(path: str | Path) -> dict[str, Any]:
+    """The meta of the integer checkpoint ``path`` (e.g. its dataset and model names), without a model."""
+    return dict(_read(path, INTEGER).get("meta") or {})
+
+
 def load_integer(path: str | Path, model: nn.Module | None = None) -> tuple[IntModel, dict[str, Any]]:
     """(integer model, meta) from ``path``. With ``model`` (a float model), a checkpoint made for
     another architecture raises ``QuantError``."""

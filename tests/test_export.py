@@ -4,7 +4,45 @@ import json
 
 import pytest
 
-from tests.conftest import needs_litert, run_script
+import quant
+from tests.conftest import needs_litert, run_script, synthetic_setup
+from utils.args import export_parser
+from utils.cli import CLIError
+from utils.pipeline import names_from_source
+
+
+def _integer_checkpoint(path, dataset="cifar10", model="cnn_bn"):
+    net, batch = synthetic_setup(model, dataset)
+    q = quant.quantize(net, quant.QuantConfig(weight_bits=6, act_bits=6, observer="minmax"))
+    quant.calibrate(q, [batch(16)[0]])
+    quant.save_integer(path, quant.convert(q), {"dataset": dataset, "model": model, "method": "ptq"})
+    return path
+
+
+def test_from_checkpoint_names_the_dataset_and_model(tmp_path):
+    path = str(_integer_checkpoint(tmp_path / "i.pt"))
+    args = export_parser().parse_args(["--from", path])
+    names_from_source(args)
+    assert (args.dataset, args.model) == ("cifar10", "cnn_bn")
+    args = export_parser().parse_args(["--from", path, "--dataset", "cifar10", "--model", "cnn_bn"])
+    names_from_source(args)  # the same names, given: fine
+    for wrong in (["--dataset", "fashion_mnist"], ["--model", "cnn"]):
+        with pytest.raises(CLIError, match="holds a cifar10/cnn_bn model") as e:
+            names_from_source(export_parser().parse_args(["--from", path, *wrong]))
+        assert "\n" not in str(e.value) and "leave --dataset and --model out" in str(e.value)
+    args = export_parser().parse_args([])  # no --from: the usual defaults
+    names_from_source(args)
+    assert (args.dataset, args.model) == ("fashion_mnist", "cnn")
+
+
+@pytest.mark.slow
+def test_cli_exports_a_checkpoint_of_another_dataset_without_naming_it(tmp_path):
+    path = _integer_checkpoint(tmp_path / "i.pt")
+    r = run_script("export.py", "--from", str(path), "--out", str(tmp_path / "m.tflite"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "m.tflite").read_bytes()[4:8] == b"TFL3"
+    r = run_script("export.py", "--from", str(path), "--model", "cnn")
+    assert r.returncode == 2 and "holds a cifar10/cnn_bn model" in r.stderr
 
 
 @pytest.mark.slow

@@ -35,6 +35,20 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 
 @pytest.mark.slow
+def test_first_last_layers_reach_the_row_and_resume_checks_them(tmp_path):
+    out = tmp_path / "q.pt"
+    common = ("QAT.py", "--dry-run", "--device", "cpu", "--model", "cnn_bn", "--bits", "4", "--calib-batches", "2",
+              "--epochs", "2", "--out", str(out))
+    r = run_script(*common, "--first-last", "8", "--layer", "4:weight_bits=6", "--json")
+    assert r.returncode == 0, r.stderr
+    row = json.loads(r.stdout.strip().splitlines()[-1])
+    assert row["tag"] == "w4a4-per_channel-mixed" and row["agreement"] == 100.0
+    assert row["layers"].startswith("input:act_bits=8;") and row["layers"].endswith(";4:weight_bits=6")
+    r = run_script(*common, "--resume")  # the same run without --first-last / --layer
+    assert r.returncode == 2 and "other quantization settings" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
 def test_missing_checkpoint_names_the_train_command(tmp_path):
     r = run_script("QAT.py", "--dataset", "cifar10", "--model", "cnn", "--bits", "4", "--ckpt", str(tmp_path / "no.pt"))
     assert r.returncode == 2 and "python train.py --dataset cifar10 --model cnn" in r.stderr

@@ -49,3 +49,18 @@ def test_loading_another_models_checkpoint_is_a_clear_error(tmp_path):
     torch.save({"model": model.state_dict(), "epoch": 3}, tmp_path / "float.pt")
     with pytest.raises(QuantError, match="not a quant.fakequant checkpoint"):
         quant.load_quantized(tmp_path / "float.pt", model)
+
+
+def test_atomic_writes_get_the_umask_mode_and_keep_an_existing_files(tmp_path):
+    import os
+    from quant.io import atomic_write_bytes
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "new.csv", b"a\n")
+        assert (tmp_path / "new.csv").stat().st_mode & 0o777 == 0o644  # not mkstemp's owner-only 0o600
+        (tmp_path / "kept.csv").write_bytes(b"a\n")
+        (tmp_path / "kept.csv").chmod(0o640)
+        atomic_write_bytes(tmp_path / "kept.csv", b"b\n")
+        assert (tmp_path / "kept.csv").stat().st_mode & 0o777 == 0o640 and (tmp_path / "kept.csv").read_bytes() == b"b\n"
+    finally:
+        os.umask(old)

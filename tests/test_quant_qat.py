@@ -106,6 +106,30 @@ def test_after_freeze_eval_equals_integer_engine(quantizer, bits):
 
 
 @pytest.mark.parametrize("quantizer", ["ste", "lsq"])
+def test_first_and_last_layers_at_8_bits_train_and_reach_the_engine(quantizer):
+    """QuantConfig.layers under QAT: with the first and last layers at 8 bits and the rest at 4, the
+    trained weights keep each layer's own grid and eval mode still equals the integer engine."""
+    net = _net()
+    cfg = quant.QuantConfig(weight_bits=4, act_bits=4, observer="minmax", layers=quant.first_last(net, 8))
+    qmodel = quant.quantize(net, cfg)
+    quant.calibrate(qmodel, _batches())
+    qmodel = quant.prepare_qat(qmodel, quant.QATConfig(quantizer=quantizer)).train()
+    for i, (x, y) in enumerate(_batches(4, seed=8)):
+        if i == 2:
+            quant.set_bn_frozen(qmodel, True)
+            quant.set_act_observers(qmodel, False)
+        _step(qmodel, x, y, lr=0.01)
+    imodel = quant.convert(qmodel.eval())
+    x = _batches(1, seed=9)[0][0]
+    with torch.no_grad():
+        assert torch.equal(qmodel(x), imodel(x))
+    weights = [b for name, b in imodel.named_buffers() if name.endswith(".weight")]
+    assert [int(w.abs().max()) > 7 for w in weights] == [True, False, True]  # conv 8, conv 4, fc 8 bits
+    logits = imodel.forward_int(x)
+    assert int(logits.max()) - int(logits.min()) > 15  # the logits are 8-bit, not 16 levels
+
+
+@pytest.mark.parametrize("quantizer", ["ste", "lsq"])
 def test_quantizing_after_the_pool_in_training_gives_the_same_values(quantizer):
     """Conv(+BN)+ReLU directly before MaxPool2d: in training mode the output quantizer runs after the
     pooling (a quarter of the values); fake quantization is monotone, so the forward is unchanged."""

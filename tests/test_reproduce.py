@@ -217,6 +217,28 @@ def test_qat_table_bars_and_distillation_column(tmp_path):
     # a later run with per-channel fully-connected weights is not the table's setting: it replaces no row
     append_csv_row(tmp_path / "qat.csv", dict(row, int_acc=f"{acc - 1.0:.2f}", fc_per_channel="True"))
     assert render_qat(tmp_path).splitlines()[2:] == [six, four]
+    append_csv_row(tmp_path / "qat.csv", dict(row, int_acc=f"{acc - 1.0:.2f}", layers="input:act_bits=8"))
+    assert render_qat(tmp_path).splitlines()[2:] == [six, four]  # nor does a run with per-layer bits
+
+
+def test_resnet20_table_puts_each_convention_on_its_row(tmp_path):
+    from utils.io import append_csv_row
+    from utils.report import PUBLISHED_RESNET20, first_last_layers, render_resnet20_published, shipped_float_acc
+    acc = shipped_float_acc("cifar10", "resnet20")
+    row = {"dataset": "cifar10", "model": "resnet20", "bits": "4", "per_channel": "True", "rounding": "ref",
+           "from_scratch": "False", "seed": "0", "quantizer": "lsq", "float_acc": f"{acc:.2f}",
+           "int_acc": f"{acc - 1.5:.2f}", "layers": "", "float_ckpt": "ckpt/cifar10_resnet20.pt"}
+    fl = first_last_layers("cifar10", "resnet20")
+    assert fl.startswith("input:act_bits=8;") and fl.endswith("weight_bits=8,act_bits=8")
+    for r in (row, dict(row, bits="3", int_acc=f"{acc - 4:.2f}"), dict(row, layers=fl, int_acc=f"{acc - 0.5:.2f}"),
+              dict(row, quantizer="ste", int_acc="10.00"),  # not the default quantizer at 4 bits
+              dict(row, layers="fc:w8a8", int_acc="11.00")):  # per-layer bits, but not the papers' convention
+        append_csv_row(tmp_path / "qat.csv", r)
+    lines = render_resnet20_published(tmp_path).splitlines()
+    assert len(lines) == 2 + len(PUBLISHED_RESNET20) + 2 and "| 91.6 | 91.3 (-0.3) | 91.1 (-0.5) | 89.7 (-1.9) |" in lines[2]
+    every, first_last = lines[-2:]
+    assert "every tensor" in every and every.endswith(f"| {acc - 1.5:.2f} (-1.50) | {acc - 4:.2f} (-4.00) | not run |")
+    assert "--first-last 8" in first_last and first_last.endswith(f"| {acc - 0.5:.2f} (-0.50) | not run | not run |")
 
 
 @pytest.mark.slow

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quant.config import QuantConfig
+from quant.config import LAYER_FIELDS, QuantConfig
 from utils.recipes import (COMMON, MODEL_QAT_RECIPES, MODEL_RECIPES, ONE_CYCLE, QAT_RECIPES, RECIPES, model_recipe,
                            qat_recipe)
 
@@ -81,6 +81,12 @@ SHARED: dict[str, Flag] = {
     "fc_per_channel": Flag("one scale per output channel of fully-connected weights too (bit-exact in LiteRT and TFLM; "
                            "TFLite's classic converter writes one per tensor)", False, "per tensor",
                            dict(action="store_true")),
+    "layer": Flag("per-layer settings, repeatable, later ones win: PATTERN:field=value,... with fields "
+                  f"{', '.join(LAYER_FIELDS)} (or wBaB), PATTERN a module path, type name, op kind or 'input' "
+                  "(fnmatch); e.g. --layer fc:w8a8 --layer 'layer1.*:weight_bits=6'", None, None,
+                  dict(action="append", metavar="PATTERN:SETTINGS")),
+    "first_last": Flag("the model input, the first layer's weights and the last layer's weights and output at B "
+                       "bits (the papers' convention)", None, None, dict(type=int, metavar="B")),
     "rounding": Flag("integer requantization: ref, builtin, xnnpack (LiteRT kernel sets) or tflm",
                      QuantConfig.rounding, kwargs=dict(metavar="MODE")),
     "calib_batches": Flag("training batches for calibration", QuantConfig.calib_batches,
@@ -262,7 +268,6 @@ def train_parser(description: str | None = None) -> argparse.ArgumentParser:
 
 def ptq_parser(description: str | None = None) -> argparse.ArgumentParser:
     from quant.adaround import AdaRoundConfig
-    from quant.config import LAYER_FIELDS
     p = new_parser(description)
     common = add_group(p, "common flags")
     add_shared(common, "dataset", "model", "bits", "data_root", "device", "seed",
@@ -285,13 +290,7 @@ def ptq_parser(description: str | None = None) -> argparse.ArgumentParser:
                    "top-1 class); they run in that order (default: none)")
     q.add_argument("--adaround-iters", type=int, default=AdaRoundConfig.iterations, metavar="N",
                    help="AdaRound iterations per layer (default: %(default)s)")
-    q.add_argument("--layer", action="append", metavar="PATTERN:SETTINGS",
-                   help="per-layer settings, repeatable, later ones win: PATTERN:field=value,... with fields "
-                   f"{', '.join(LAYER_FIELDS)} (or wBaB), PATTERN a module path, type name, op kind or 'input' "
-                   "(fnmatch); e.g. --layer fc:w8a8 --layer 'layer1.*:weight_bits=6'")
-    q.add_argument("--first-last", type=int, metavar="B", help="the model input, the first layer's weights and the "
-                   "last layer's weights and output at B bits (the papers' convention)")
-    add_shared(q, "calib_batches", "calib_batch_size", "rounding")
+    add_shared(q, "layer", "first_last", "calib_batches", "calib_batch_size", "rounding")
     a = add_group(p, "analysis (instead of one quantized model)")
     a.add_argument("--compare", nargs="?", const="all", metavar="NAMES", help="run the calibrators and methods of "
                    "quant.COMPARISON side by side at these bits (all, or the ';'-separated names given), print the "
@@ -331,7 +330,8 @@ def qat_parser(description: str | None = None) -> argparse.ArgumentParser:
                    f"(default: {qat_default('quantizer')})")
     q.add_argument("--observer", metavar="NAME", help="calibrator of the PTQ start, as PTQ.py's --observer "
                    f"(default: {qat_default('observer')}, PTQ.py's)")
-    add_shared(q, "calib_batches", "rounding", "per_tensor", "fc_per_channel", defaults={"calib_batches": None},
+    add_shared(q, "calib_batches", "rounding", "per_tensor", "fc_per_channel", "layer", "first_last",
+               defaults={"calib_batches": None},
                default_texts={"calib_batches": qat_default("calib_batches")})
     rec = add_group(p, "training recipe", "a flag left out takes QAT_RECIPES[--bits] and COMMON, with the "
                                "model's changes in MODEL_QAT_RECIPES "
@@ -437,8 +437,12 @@ def export_parser(description: str | None = None) -> argparse.ArgumentParser:
     ptq_ckpt = ptq_ckpt.replace("w2a2", "w<B>a<B>")
     p = new_parser(description)
     common = add_group(p, "common flags")
-    add_shared(common, "dataset", "model", "bits", "data_root", "seed", defaults={"bits": None},
-               default_texts={"bits": f"{QuantConfig.act_bits}, or those of the --from checkpoint"},
+    from_ckpt = "or the --from checkpoint's"
+    add_shared(common, "dataset", "model", "bits", "data_root", "seed",
+               defaults={"dataset": None, "model": None, "bits": None},
+               default_texts={"dataset": f"{SHARED['dataset'].default}, {from_ckpt}",
+                              "model": f"{SHARED['model'].default}, {from_ckpt}",
+                              "bits": f"{QuantConfig.act_bits}, {from_ckpt}"},
                details={"seed": "the calibration batches of the on-the-fly PTQ"})
     src = add_group(p, "model to export")
     src.add_argument("--from", dest="source", default=None, metavar="FILE",

@@ -97,6 +97,13 @@ def check_matches(ckpt: dict, cfg: dict, path: Path) -> None:
                        f"pick the matching --dataset/--model or another --out")
 
 
+def flag_layers(args: argparse.Namespace, model: torch.nn.Module) -> tuple:
+    """``QuantConfig.layers`` of PTQ.py's and QAT.py's --first-last and --layer flags (``model``: the float
+    model, whose first and last weighted layers --first-last names)."""
+    layers = list(quant.first_last(model, args.first_last)) if args.first_last is not None else []
+    return tuple(layers + [quant.parse_layer_settings(text) for text in (args.layer or [])])
+
+
 def ptq_ckpt_path(dataset: str, model: str, cfg: quant.QuantConfig, methods: tuple[str, ...] = ()) -> Path:
     """PTQ.py's default integer checkpoint, in results/ckpt/ (git-ignored): ptq_<dataset>_<model>_<tag>_<observer>,
     then -w<range> unless the weight range is minmax, and -<method> per PTQ method."""
@@ -227,6 +234,19 @@ def ptq_on_the_fly(args: argparse.Namespace, calib: Loader) -> quant.IntModel:
     qmodel = quant.quantize(model, cfg)
     quant.calibrate(qmodel, calib, num_batches=cfg.calib_batches, progress=True)
     return quant.convert(qmodel, clamp=args.clamp)
+
+
+def names_from_source(args: argparse.Namespace) -> None:
+    """Fill export.py's --dataset / --model (None where left out) from the --from checkpoint's meta, else
+    with the usual defaults; a flag that names another model than the checkpoint's is a one-line error."""
+    from utils.args import SHARED
+    meta = quant.integer_meta(args.source) if args.source else {}
+    for key in ("dataset", "model"):
+        given, saved = getattr(args, key), meta.get(key)
+        if given is not None and saved is not None and given != saved:
+            raise CLIError(f"{args.source} holds a {meta.get('dataset')}/{meta.get('model')} model, not --{key} "
+                           f"{given}; leave --dataset and --model out (the checkpoint names them)")
+        setattr(args, key, given or saved or SHARED[key].default)
 
 
 def load_export_source(args: argparse.Namespace,

@@ -186,7 +186,7 @@ def render_qat(results: Path) -> str:
     reproduce.py --seeds N adds rows of other seeds, which RESULTS.md averages."""
     latest: dict[tuple[str, str, int, str], dict[str, str]] = {}
     for r in read_rows(results / "qat.csv"):
-        if (default_granularity(r) and r["rounding"] == "ref" and from_shipped(r)
+        if (default_granularity(r) and r["rounding"] == "ref" and from_shipped(r) and not r.get("layers")
                 and r["from_scratch"] == "False" and r["seed"] == "0"):
             latest[(r["dataset"], r["model"], int(r["bits"]), r["quantizer"])] = r
     lines = ["| data set | model | bits | quantizer | epochs | lr | distilled | float | PTQ start | QAT fake-quant "
@@ -206,6 +206,65 @@ def render_qat(results: Path) -> str:
                      f"| {r['lr']} | {_distilled(r)} | {float(r['float_acc']):.2f}% | {float(r['ptq_fq_acc']):.2f}% "
                      f"| {float(r['fq_acc']):.2f}% | {float(r['int_acc']):.2f}% | {delta:+.2f} | {bar_txt} "
                      f"| {float(r['agreement']):.2f}% | {float(r['seconds']) / 60:.1f} min | {r['git_commit']} |")
+    return "\n".join(lines)
+
+
+#: published ResNet-20 CIFAR-10 QAT figures (issue #17), each with the source it was read from and the convention
+#: that differs from this project's (every tensor on a uniform int grid): (method, source, convention, float
+#: accuracy, {bits of weights and activations: accuracy}). LQ-Nets' CIFAR-10 table could not be read here.
+PUBLISHED_RESNET20 = (
+    ("PACT (Choi et al. 2018)", "arXiv:1805.06085, Table 1", "first and last layers not quantized", 91.6,
+     {4: 91.3, 3: 91.1, 2: 89.7}),
+    ("DoReFa, as run by PACT", "arXiv:1805.06085, Table 1", "first and last layers not quantized", 91.6,
+     {4: 90.5, 3: 89.9, 2: 88.2}),
+    ("APoT (Li et al. 2020), released models", "github.com/yhhhli/APoT_Quantization, README", "non-uniform levels "
+     "(additive powers of two); first conv and last fc weights at 8 bits, their inputs float", 92.96,
+     {4: 92.45, 3: 92.49, 2: 90.96}),
+)
+
+
+def _published_cell(acc: float, fp: float) -> str:
+    """'91.3 (-0.3)': a published accuracy and its change from the float model, at the paper's precision."""
+    decimals = max(len(repr(v).partition(".")[2]) for v in (acc, fp))
+    return f"{acc:.{decimals}f} ({acc - fp:+.{decimals}f})"
+
+
+@functools.lru_cache(maxsize=None)
+def first_last_layers(dataset: str, model: str, bits: int = 8) -> str:
+    """The ``layers`` column of a row made with --first-last ``bits`` (quant.first_last's settings)."""
+    import quant
+    from models import build_model
+    cfg = quant.QuantConfig(layers=quant.first_last(build_model(model, dataset), bits))
+    return cfg.to_row()["layers"]
+
+
+def render_resnet20_published(results: Path) -> str:
+    """ResNet-20 on CIFAR-10: the published QAT figures (PUBLISHED_RESNET20) beside this project's QAT.py rows
+    with the default quantizer from the shipped checkpoint (seed 0, ref rounding), every tensor quantized and
+    with --first-last 8; each cell the integer engine's accuracy and its difference from the float model."""
+    ours: dict[tuple[str, int], dict[str, str]] = {}
+    everything, first_last = "every tensor quantized, uniform integer levels", "first and last layers at 8 bits (`--first-last 8`)"
+    for r in read_rows(results / "qat.csv"):
+        if (r["dataset"], r["model"]) != ("cifar10", "resnet20") or not (
+                default_granularity(r) and r["rounding"] == "ref" and from_shipped(r) and r["seed"] == "0"
+                and r["from_scratch"] == "False" and r["quantizer"] == default_quantizer(int(r["bits"]))):
+            continue
+        kind = {"": everything, first_last_layers("cifar10", "resnet20"): first_last}.get(r.get("layers") or "")
+        if kind:
+            ours[(kind, int(r["bits"]))] = r
+    lines = ["| method | source | convention | float | W/A 4 bits | 3 bits | 2 bits |", "|---|---|---|---|---|---|---|"]
+    for name, source, convention, fp, accs in PUBLISHED_RESNET20:
+        cells = [_published_cell(accs[b], fp) if b in accs else "—" for b in (4, 3, 2)]
+        lines.append(f"| {name} | {source} | {convention} | {fp:g} | {' | '.join(cells)} |")
+    for kind in (everything, first_last):
+        rows = {b: r for (k, b), r in ours.items() if k == kind}
+        if not rows:
+            continue
+        fp = float(next(iter(rows.values()))["float_acc"])
+        cells = [f"{float(rows[b]['int_acc']):.2f} ({float(rows[b]['int_acc']) - float(rows[b]['float_acc']):+.2f})"
+                 if b in rows else "not run" for b in (4, 3, 2)]
+        lines.append(f"| this project, QAT.py (default quantizer) | results/qat.csv | {kind} | {fp:.2f} "
+                     f"| {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
@@ -301,6 +360,7 @@ RENDERERS: dict[str, Callable[[Path], str]] = {"train": render_train, "epoch_tim
                                                "ptq": render_ptq, "ptq_methods": render_ptq_methods,
                                                "int_speed": render_int_speed,
                                                "qat": render_qat, "qat_epoch_time": render_qat_epoch_time,
+                                               "resnet20_published": render_resnet20_published,
                                                "export": render_export, "inference": render_inference,
                                                "reproduce": render_reproduce, "distributed": render_distributed}
 
