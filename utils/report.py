@@ -179,6 +179,13 @@ def _distilled(row: dict[str, str]) -> str:
     return "—" if weight == 0 else f"{weight:g}, T {float(row.get('kd_temp') or 1):g}"
 
 
+def shipped_qat_run(r: dict[str, str]) -> bool:
+    """A QAT.py row of the tables: fine-tuned from the shipped checkpoint (not from scratch) with the tables'
+    weight granularity, ref rounding and seed 0 (the default command's)."""
+    return (default_granularity(r) and r["rounding"] == "ref" and from_shipped(r) and r["from_scratch"] == "False"
+            and r["seed"] == "0")
+
+
 def render_qat(results: Path) -> str:
     """QAT.py rows fine-tuned from the shipped checkpoints (per-channel, ref rounding): the latest per
     data set, model, bits and quantizer, with the bar of issue #4 (#17 for the zoo) where it sets one (for
@@ -186,8 +193,7 @@ def render_qat(results: Path) -> str:
     reproduce.py --seeds N adds rows of other seeds, which RESULTS.md averages."""
     latest: dict[tuple[str, str, int, str], dict[str, str]] = {}
     for r in read_rows(results / "qat.csv"):
-        if (default_granularity(r) and r["rounding"] == "ref" and from_shipped(r) and not r.get("layers")
-                and r["from_scratch"] == "False" and r["seed"] == "0"):
+        if shipped_qat_run(r) and not r.get("layers"):
             latest[(r["dataset"], r["model"], int(r["bits"]), r["quantizer"])] = r
     lines = ["| data set | model | bits | quantizer | epochs | lr | distilled | float | PTQ start | QAT fake-quant "
              "| integer engine | Δ vs float | bar (default quantizer) | fq/int agreement | wall time | commit |",
@@ -243,11 +249,11 @@ def render_resnet20_published(results: Path) -> str:
     with the default quantizer from the shipped checkpoint (seed 0, ref rounding), every tensor quantized and
     with --first-last 8; each cell the integer engine's accuracy and its difference from the float model."""
     ours: dict[tuple[str, int], dict[str, str]] = {}
-    everything, first_last = "every tensor quantized, uniform integer levels", "first and last layers at 8 bits (`--first-last 8`)"
+    everything = "every tensor quantized, uniform integer levels"
+    first_last = "first and last layers at 8 bits (`--first-last 8`)"
     for r in read_rows(results / "qat.csv"):
-        if (r["dataset"], r["model"]) != ("cifar10", "resnet20") or not (
-                default_granularity(r) and r["rounding"] == "ref" and from_shipped(r) and r["seed"] == "0"
-                and r["from_scratch"] == "False" and r["quantizer"] == default_quantizer(int(r["bits"]))):
+        if ((r["dataset"], r["model"]) != ("cifar10", "resnet20") or not shipped_qat_run(r)
+                or r["quantizer"] != default_quantizer(int(r["bits"]))):
             continue
         kind = {"": everything, first_last_layers("cifar10", "resnet20"): first_last}.get(r.get("layers") or "")
         if kind:
