@@ -152,28 +152,44 @@ class _LSQFunction(torch.autograd.Function):
         d out / d s = round(x / s) - x / s inside the range, lo or hi outside, times ``g``
 
     summed over every dimension but the scale's own. Computing both in the forward from the same
-    temporaries takes about half the passes of autograd through divide, clamp and round.
+    temporaries takes about half the passes of autograd through divide, clamp and round. With python
+    bounds (per-tensor step sizes: activations) the mask is a float 0/1 tensor made by one
+    ``hardtanh_backward`` pass at the float just outside each bound (an inclusive range), and the clamp
+    takes scalars: boolean masks, tensor-bounded clamps and ``where`` are the slowest passes on a CPU.
     """
 
     @staticmethod
     def forward(ctx, x, s, lo, hi, g):  # type: ignore[override]
         v = x / s
-        outside = (v < lo) | (v > hi)
+        scalar = isinstance(lo, (int, float))
+        if scalar:
+            below, above = torch.tensor([lo, hi], dtype=v.dtype).nextafter(
+                torch.tensor([-math.inf, math.inf], dtype=v.dtype)).tolist()
+            inside = torch.ops.aten.hardtanh_backward(v.new_ones(()).expand_as(v), v, below, above)
+        else:
+            outside = (v < lo) | (v > hi)
         v.clamp_(lo, hi)
         q = round_half_away(v)
+        ctx.scalar = scalar
         if ctx.needs_input_grad[1]:
-            term = torch.sub(q, v.masked_fill_(outside, 0.0), out=v)  # q - x/s inside the range, lo or hi outside
-            ctx.save_for_backward(outside, term)
+            # q - x/s inside the range, lo or hi outside (v * inside is exact: one rounding, as in a subtraction)
+            term = (torch.addcmul(q, v, inside, value=-1.0, out=v) if scalar
+                    else torch.sub(q, v.masked_fill_(outside, 0.0), out=v))
+            ctx.save_for_backward(inside if scalar else outside, term)
             ctx.g, ctx.s_shape = g, s.shape
             ctx.sum_dims = [d for d in range(x.dim()) if s.dim() == 0 or s.shape[d] == 1]
         elif ctx.needs_input_grad[0]:
-            ctx.save_for_backward(outside)
+            ctx.save_for_backward(inside if scalar else outside)
         return q.mul_(s)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        outside = ctx.saved_tensors[0]
-        grad_x = torch.where(outside, 0.0, grad) if ctx.needs_input_grad[0] else None
+        mask = ctx.saved_tensors[0]
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            # the 0/1 mask as hardtanh's input between 0.5 and 1.5: grad where 1, an exact 0 where 0
+            grad_x = (torch.ops.aten.hardtanh_backward(grad, mask, 0.5, 1.5) if ctx.scalar
+                      else torch.where(mask, 0.0, grad))
         grad_s = None
         if ctx.needs_input_grad[1]:
             term = ctx.saved_tensors[1]
@@ -254,7 +270,10 @@ class LSQQuantize(FakeQuantize):
             shape = [1] * x.dim()
             shape[self.axis] = -1
             s, zp = s.reshape(shape), zp.reshape(shape)
-        out = _LSQFunction.apply(x, s, self.qmin - zp, self.qmax - zp, g)
+            out = _LSQFunction.apply(x, s, self.qmin - zp, self.qmax - zp, g)
+        else:  # python bounds: the fast clamp and masks
+            z = int(zp)
+            out = _LSQFunction.apply(x, s, float(self.qmin - z), float(self.qmax - z), g)
         if self.offset is not None and torch.is_grad_enabled() and self.offset.requires_grad:
             with torch.no_grad():
                 v = x / s

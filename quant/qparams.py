@@ -117,20 +117,36 @@ def dequantize(q: torch.Tensor, qp: QParams) -> torch.Tensor:
 
 
 class _FakeQuantSTE(torch.autograd.Function):
-    """Fake quantization on the grid v = x / scale, where the range is [qmin - zp, qmax - zp], so the
-    zero point is never added and removed (fewer passes over large activations)."""
+    """Fake quantization on the grid v = x / scale, where the range is [lo, hi] = [qmin - zp, qmax - zp], so
+    the zero point is never added and removed (fewer passes over large activations).
+
+    One (lo, hi) pair (python numbers: per-tensor qparams) with lo <= 0 <= hi: round_half_away(v) lies in
+    [lo, hi] exactly where lo - 1/2 < v < hi + 1/2 (a tie at either end rounds away from zero, out of the
+    range), so the backward is one ``hardtanh_backward`` pass over the saved v. That keeps v (float) rather
+    than a boolean mask alive until the backward, and saves the three boolean passes that make the mask, the
+    tensor-bounded clamp and the ``where``: those cost more than the rest of the fake quantization on a CPU.
+    Tensor bounds (per-channel weights): the mask.
+    """
 
     @staticmethod
     def forward(ctx, x, scale, lo, hi):  # type: ignore[override]
-        r = round_half_away(x / scale)
+        v = x / scale
+        r = round_half_away(v)
+        ctx.bounds = None
         if ctx.needs_input_grad[0]:
-            ctx.save_for_backward((r < lo) | (r > hi))
+            if isinstance(lo, (int, float)) and lo <= 0 <= hi:
+                ctx.bounds = (lo - 0.5, hi + 0.5)
+                ctx.save_for_backward(v)
+            else:
+                ctx.save_for_backward((r < lo) | (r > hi))
         return r.clamp_(lo, hi).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        (outside,) = ctx.saved_tensors
-        return torch.where(outside, 0.0, grad), None, None, None
+        (saved,) = ctx.saved_tensors
+        if ctx.bounds is not None:
+            return torch.ops.aten.hardtanh_backward(grad, saved, *ctx.bounds), None, None, None
+        return torch.where(saved, 0.0, grad), None, None, None
 
 
 def fake_quantize(x: torch.Tensor, qp: QParams) -> torch.Tensor:
@@ -141,5 +157,8 @@ def fake_quantize(x: torch.Tensor, qp: QParams) -> torch.Tensor:
     [qmin, qmax] and is zero outside (no gradient for scale or zero point).
     """
     scale, zp = qp.shaped(x)
+    if zp.numel() == 1:  # per tensor: python bounds, the fast clamp and backward
+        z = int(zp)
+        return _FakeQuantSTE.apply(x, scale.to(x.dtype), float(qp.qmin - z), float(qp.qmax - z))
     zp = zp.to(x.dtype)
     return _FakeQuantSTE.apply(x, scale.to(x.dtype), qp.qmin - zp, qp.qmax - zp)

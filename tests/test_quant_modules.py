@@ -138,6 +138,30 @@ def test_lsq_fused_gradients_equal_plain_autograd(axis):
     assert s1.grad.shape == s0.shape and (s1.grad != 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("lo,hi", [(-8, 7), (0, 15), (-15, 0), (-3, 12)])
+def test_lsq_python_bounds_equal_tensor_bounds(lo, hi, dtype):
+    """Per-tensor LSQ takes python bounds, a float 0/1 mask and a scalar clamp; values, input gradients and
+    step-size gradients equal the tensor-bounds path's exactly, with values on the bounds, on every tie and
+    beside them (the range is inclusive: a value exactly on a bound passes its gradient)."""
+    k = torch.arange(lo - 3, hi + 4, dtype=dtype)
+    s0 = torch.tensor(0.0371, dtype=dtype)
+    ties = (k + 0.5) * s0
+    x = torch.cat([torch.randn(500, generator=torch.Generator().manual_seed(2), dtype=dtype) * hi,
+                   ties, k * s0, ties.nextafter(ties + 1), ties.nextafter(ties - 1)])
+    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    outs = []
+    for bounds in [(float(lo), float(hi)), (torch.tensor(lo, dtype=dtype), torch.tensor(hi, dtype=dtype))]:
+        xg, sg = x.clone().requires_grad_(), s0.clone().requires_grad_()
+        out = quant.modules._LSQFunction.apply(xg, sg, *bounds, 0.37)
+        (out * w).sum().backward()
+        outs.append((out.detach(), xg.grad, sg.grad))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    on_bound = (x / s0 == lo) | (x / s0 == hi)
+    assert on_bound.any() and (outs[0][1][on_bound] == w[on_bound]).all()
+
+
 def test_lsq_plus_learns_an_integer_zero_point_and_stays_exact():
     """LSQ+: the offset gets gradient only from clipped values; after training steps the zero point is
     an integer in range and fake quant equals the integer engine."""

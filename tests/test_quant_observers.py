@@ -124,3 +124,18 @@ def test_observer_state_dict_roundtrip():
     fresh = MinMaxObserver(8, symmetric=True, narrow=True, axis=0)
     fresh.load_state_dict(obs.state_dict())
     assert torch.equal(fresh.min_val, obs.min_val) and fresh.frozen
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_flat_values_is_a_view_in_any_dense_layout(fmt):
+    """Activations in channels-last layout are reduced through a view, not a copy, and give the same range."""
+    from quant.observers import flat_values
+    x = torch.randn(4, 6, 5, 3).contiguous(memory_format=fmt)
+    flat = flat_values(x)
+    assert flat.dim() == 1 and flat.numel() == x.numel() and flat.data_ptr() == x.data_ptr()
+    assert sorted(flat.tolist()) == sorted(x.reshape(-1).tolist())
+    strided = x[:, ::2]  # not dense: copied
+    assert sorted(flat_values(strided).tolist()) == sorted(strided.reshape(-1).tolist())
+    obs = MinMaxObserver(8)
+    obs(x)
+    assert obs.min_val == x.min() and obs.max_val == x.max()

@@ -91,6 +91,34 @@ def test_ste_gradient(bits):
     assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]
 
 
+def _edge_values(scale: float, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
+    """Random values, every half-integer tie and integer of the grid, and the floats either side of each tie."""
+    k = torch.arange(lo - 3, hi + 4, dtype=dtype)
+    ties = (k + 0.5) * scale
+    return torch.cat([torch.randn(500, generator=torch.Generator().manual_seed(lo - hi), dtype=dtype) * hi * scale,
+                      ties, k * scale, ties.nextafter(ties + 1), ties.nextafter(ties - 1)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("lo,hi", [(-8, 7), (0, 15), (-15, 0), (-128, 127), (-3, 12)])
+def test_ste_python_bounds_equal_tensor_bounds(lo, hi, dtype):
+    """Per-tensor fake quantization takes python bounds and a one-pass backward over the saved x / scale
+    (``hardtanh_backward`` at lo - 1/2, hi + 1/2); it gives the tensor-bounds path's values and gradients
+    exactly, at every tie and the floats beside it included."""
+    from quant.qparams import _FakeQuantSTE
+    scale = torch.tensor(0.0371, dtype=dtype)
+    x = _edge_values(0.0371, lo, hi, dtype)
+    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    outs = []
+    for bounds in [(float(lo), float(hi)), (torch.tensor(lo, dtype=dtype), torch.tensor(hi, dtype=dtype))]:
+        xg = x.clone().requires_grad_()
+        out = _FakeQuantSTE.apply(xg, scale, *bounds)
+        (out * w).sum().backward()
+        outs.append((out.detach(), xg.grad))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert 0 < int((outs[0][1] == 0).sum()) < x.numel()  # both clipped and passed gradients occur
+
+
 @pytest.mark.parametrize("bits", BITS, ids=lambda b: f"w{b}-per_channel")
 def test_per_channel(bits):
     w = torch.randn(6, 3, 3, 3, generator=torch.Generator().manual_seed(0)) * torch.arange(1, 7).reshape(-1, 1, 1, 1)
