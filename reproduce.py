@@ -8,7 +8,7 @@
 
 Every cell (data set, model, bits, method, seed) runs PTQ.py or QAT.py with their defaults (QAT.py
 only gets --quantizer, and --epochs where given) as a separate process on the shipped float
-checkpoint ckpt/<dataset>_<model>.pt (--retrain runs train.py for them first). Each finished run
+checkpoint ckpt/<dataset>_<model>.pt (--retrain trains them first, --jobs at once, resumable). Each finished run
 appends one row to <out>/results.csv (every setting, seed, the float / fake-quant / integer accuracy,
 agreement, wall time, versions, commit) and its script's own row to <out>/ptq.csv or <out>/qat.csv;
 then <out>/RESULTS.md and <out>/accuracy_vs_bits.png are rewritten from results.csv alone.
@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from utils.args import add_group, add_shared, fill_qat_recipe, new_parser, ptq_parser, qat_default, qat_parser
 from utils.cli import CLIError, check_names, one_line_errors, resolve_device
-from utils.io import REPO_ROOT, append_csv_row
+from utils.io import REPO_ROOT, append_csv_row, atomic_write_bytes, load_checkpoint
 from utils.recipes import QAT_RECIPES
 from utils.results_tables import METHODS, read_results, render_results_md, write_results
 
@@ -83,8 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--quick", action="store_true", help=f"a small subset in a few minutes, into {QUICK['out']}/")
     g.add_argument("--zoo", action="store_true", help=f"the CIFAR-10 zoo ({', '.join(ZOO_MODELS)} where ckpt/ has "
                    f"them), bits {ZOO['bits']}, PTQ and QAT with the default quantizer, into {ZOO['out']}/")
-    g.add_argument("--retrain", action="store_true", help="train the float checkpoints with train.py first "
-                                                          "(default: use the shipped ckpt/*.pt)")
+    g.add_argument("--retrain", action="store_true", help="train the float checkpoints with train.py first, --jobs "
+                   "at once, into <out>/float/ (resumable: rerun to continue); each finished one replaces "
+                   "ckpt/<dataset>_<model>.pt (default: use the shipped ckpt/*.pt)")
     run = add_group(p, "output and run control")
     run.add_argument("--out", metavar="DIR", help="directory of results.csv, RESULTS.md, the plot, ptq.csv, qat.csv "
                      "and ckpt/ (default: results; --quick: results/quick; --dry-run: a temporary directory)")
@@ -223,14 +224,39 @@ def file_sha1(path: Path) -> str:
     return hashlib.sha1(path.read_bytes()).hexdigest()
 
 
-def retrain(args: argparse.Namespace, cells: list[Cell], out: Path) -> None:
-    """Train the float checkpoint of every (data set, model) in the grid with train.py's default recipe."""
-    for d, m in dict.fromkeys((c.dataset, c.model) for c in cells):
-        cmd = [sys.executable, "train.py", "--dataset", d, "--model", m, "--device", args.device,
-               "--out", f"ckpt/{d}_{m}.pt", "--results-dir", str(out)] + (["--data-root", args.data_root] if args.data_root else [])
-        print(f"retraining ckpt/{d}_{m}.pt: {' '.join(cmd[1:])}", flush=True)
-        if subprocess.run(cmd, cwd=REPO_ROOT).returncode != 0:
-            raise CLIError(f"train.py failed for {d}/{m} (output above); fix it and rerun, or drop --retrain")
+def retrain(args: argparse.Namespace, cells: list[Cell], out: Path, ckpt_dir: Path = REPO_ROOT / "ckpt") -> None:
+    """Train the float checkpoint of every (data set, model) in the grid with train.py's default recipe,
+    ``--jobs`` at once, each into <out>/float/ (every epoch, atomically); a finished one is then copied
+    over ckpt/<dataset>_<model>.pt. Resumable: rerunning continues each training from its last epoch
+    (train.py --resume), and an interrupted one never touches the shipped checkpoint."""
+    pairs = list(dict.fromkeys((c.dataset, c.model) for c in cells))
+    env = dict(os.environ)
+    if args.jobs > 1 and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // min(args.jobs, len(pairs))))
+
+    def train(pair: tuple[str, str]) -> tuple[tuple[str, str], int, Path]:
+        d, m = pair
+        path = out / "float" / f"{d}_{m}.pt"
+        cmd = [sys.executable, "train.py", "--dataset", d, "--model", m, "--device", args.device, "--out", str(path),
+               "--results-dir", str(out)] + (["--data-root", args.data_root] if args.data_root else [])
+        cmd += ["--resume"] if path.exists() else []
+        print(f"training {d}/{m} into {path}: {' '.join(cmd[1:])}", flush=True)
+        return pair, subprocess.run(cmd, cwd=REPO_ROOT, env=env).returncode, path
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        done = list(pool.map(train, pairs))
+    failed = [f"{d}/{m}" for (d, m), rc, _ in done if rc != 0]
+    if failed:
+        raise CLIError(f"train.py failed for {', '.join(failed)} (output above); fix it and rerun (the trainings "
+                       f"continue from their last epoch), or drop --retrain")
+    for (d, m), _, path in done:
+        ckpt = load_checkpoint(path, "rerun with --retrain")
+        if ckpt["epoch"] != ckpt["config"]["epochs"]:
+            raise CLIError(f"{path} stopped after epoch {ckpt['epoch']} of {ckpt['config']['epochs']}; rerun to continue")
+        target = ckpt_dir / f"{d}_{m}.pt"
+        if not target.exists() or file_sha1(target) != file_sha1(path):
+            atomic_write_bytes(target, path.read_bytes())
+            print(f"{d}/{m}: {ckpt['metrics']['test_acc']:.2f}% after {ckpt['epoch']} epochs, copied to {target}")
 
 
 @dataclass

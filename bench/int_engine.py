@@ -2,10 +2,12 @@
 
     python bench/int_engine.py                                   # Fashion-MNIST cnn and cnn_bn, 8 bits
     python bench/int_engine.py --dataset cifar10 --model cnn --bits 4 --rounding xnnpack
+    python bench/int_engine.py --dataset cifar10 --model resnet20 mobilenetv2 --chunk-elements 0 500000 1500000 6000000
 
 Quantizes the shipped checkpoint (PTQ, as PTQ.py), then times, side by side in one run, the float
-model and the integer engine over the whole test set (batch 1000). Appends rows to
-results/int_engine_speed.csv.
+model and the integer engine over the whole test set (batch 1000; the engine splits it into CPU chunks
+of about --chunk-elements values in the largest tensor, 0: the whole batch at once; each setting is
+one row). Appends rows to results/int_engine_speed.csv.
 """
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ def main() -> None:
     p.add_argument("--bits", type=int, default=8)
     p.add_argument("--rounding", default="ref", help="ref, builtin, xnnpack or tflm (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--chunk-elements", type=int, nargs="*", default=[quant.IntModel.cpu_chunk_elements],
+                   help="IntModel.cpu_chunk_elements settings to time (default: %(default)s)")
     p.add_argument("--data-root", default=None)
     p.add_argument("--out", default="results/int_engine_speed.csv")
     args = p.parse_args()
@@ -52,18 +56,22 @@ def main() -> None:
         q = quant.quantize(model, quant.QuantConfig(weight_bits=args.bits, act_bits=args.bits, rounding=args.rounding))
         quant.calibrate(q, Loader(train.images, train.labels, args.dataset, 256, train=True), num_batches=32)
         im = quant.convert(q)
-        f_s, i_s = [], []
-        for _ in range(args.repeats):
+        f_s, i_s = [], {c: [] for c in args.chunk_elements}
+        for _ in range(args.repeats):  # interleaved, so that a load change hits every setting alike
             f_s.append(time_pass(model, xs))
-            i_s.append(time_pass(im, xs))
-        f, i = statistics.median(f_s), statistics.median(i_s)
-        row = {"dataset": args.dataset, "model": name, "bits": args.bits, "rounding": args.rounding, "images": n,
-               "threads": torch.get_num_threads(), "repeats": args.repeats, "float_s": round(f, 2),
-               "int_s": round(i, 2), "float_img_per_s": round(n / f), "int_img_per_s": round(n / i),
-               "int_over_float": round(i / f, 2), **versions()}
-        print(f"{args.dataset} {name} w{args.bits}a{args.bits} {args.rounding}: float {f:.2f} s ({n / f:,.0f} img/s), "
-              f"integer engine {i:.2f} s ({n / i:,.0f} img/s), ratio {i / f:.2f}")
-        append_csv_row(args.out, row)
+            for c in args.chunk_elements:
+                im.cpu_chunk_elements = c
+                i_s[c].append(time_pass(im, xs))
+        f = statistics.median(f_s)
+        for c, times in i_s.items():
+            i = statistics.median(times)
+            row = {"dataset": args.dataset, "model": name, "bits": args.bits, "rounding": args.rounding,
+                   "images": n, "threads": torch.get_num_threads(), "repeats": args.repeats, "float_s": round(f, 2),
+                   "int_s": round(i, 2), "float_img_per_s": round(n / f), "int_img_per_s": round(n / i),
+                   "int_over_float": round(i / f, 2), "chunk_elements": c, **versions()}
+            print(f"{args.dataset} {name} w{args.bits}a{args.bits} {args.rounding} chunks of {c:,} elements: float "
+                  f"{f:.2f} s ({n / f:,.0f} img/s), integer engine {i:.2f} s ({n / i:,.0f} img/s), ratio {i / f:.2f}")
+            append_csv_row(args.out, row)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,14 @@ from data.sources import CIFAR10_CLASSES, Split, default_data_root, load_split
 
 DATASETS = tuple(STATS)
 DEFAULT_AUGMENT = {"fashion_mnist": "", "cifar10": "crop4,flip"}
+#: test batches: on a CPU, evaluation passes are memory-bound, and a fake-quant ResNet-20 / MobileNetV2 ran
+#: 4.3x / 3.3x faster over 1,000 images in batches of 100 than in one batch (each image's logits do not
+#: depend on the batch in eval mode)
+EVAL_BATCH_SIZE = 100
 
 
 def get_loaders(dataset: str, batch_size: int, root: str | Path | None = None, augment: str | None = None,
-                device: str | torch.device = "cpu", seed: int = 0, eval_batch_size: int = 1000,
+                device: str | torch.device = "cpu", seed: int = 0, eval_batch_size: int = EVAL_BATCH_SIZE,
                 verbose: bool = True) -> tuple[Loader, Loader]:
     """(train loader with shuffling and augmentation, test loader) for ``dataset``."""
     train = load_split(dataset, "train", root, verbose)
@@ -37,5 +41,5 @@ def synthetic_split(dataset: str, n: int, seed: int = 0) -> Split:
     return Split(images, torch.arange(n) % 10, "synthetic")
 
 
-__all__ = ["CIFAR10_CLASSES", "DATASETS", "DEFAULT_AUGMENT", "DataError", "Loader", "STATS", "Split",
+__all__ = ["CIFAR10_CLASSES", "DATASETS", "DEFAULT_AUGMENT", "EVAL_BATCH_SIZE", "DataError", "Loader", "STATS", "Split",
            "default_data_root", "get_loaders", "load_split", "normalise", "parse_augment", "synthetic_split"]

@@ -176,8 +176,12 @@ def multiply_by_quantized_multiplier(acc: torch.Tensor, m0: torch.Tensor | int, 
     y += 1 << 30
     y >>= 31
     half = (torch.ones_like(right) << right) >> 1  # 2^(e-1), 0 for e == 0
-    if rounding == "gemmlowp":
-        y += torch.where(y < 0, (half - 1).clamp(min=0), half)
+    if rounding == "gemmlowp":  # + 2^(e-1) - 1 where y < 0 (and e > 0): y >> 63 is -1 there, else 0
+        neg = y >> 63
+        if not bool((right > 0).all()):
+            neg *= right > 0
+        y += half
+        y += neg
     else:
         y += half
     y >>= right

@@ -80,6 +80,10 @@ class IntLayer(nn.Module):
     def extra_repr(self) -> str:
         return ", ".join(f"{a}={getattr(self, a)}" for a in self.attrs)
 
+    def out_qparams(self) -> QParams:
+        """The output's qparams, for the layers that requantize (``out_scale``, ``out_zp``, ``out_qmin/max``)."""
+        return QParams(self.out_scale, torch.tensor(self.out_zp, dtype=torch.int32), self.out_qmin, self.out_qmax)
+
 
 def quantize_bound(v: float, qp: QParams) -> int:
     """TFLite's quantization of an activation bound: zp + round_half_away(f32(v) / scale) (float32)."""
@@ -201,9 +205,6 @@ class _IntWeighted(IntLayer):
         wsum = self.weight.double().abs().reshape(c, -1).sum(1) * span
         self.f32_exact = bool(wsum.max() < 2 ** 24)  # every partial sum exact in float32
         self.may_overflow = bool((wsum + self.bias.double().abs()).max() > INT32_MAX)
-
-    def out_qparams(self) -> QParams:
-        return QParams(self.out_scale, torch.tensor(self.out_zp, dtype=torch.int32), self.out_qmin, self.out_qmax)
 
     def _accumulate(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -417,9 +418,6 @@ class IntAdd(IntLayer):
         self.out_qmin, self.out_qmax = out_qp.qmin, out_qp.qmax
         self.act_min, self.act_max = act_range(out_qp, act, clamp)
 
-    def out_qparams(self) -> QParams:
-        return QParams(self.out_scale, torch.tensor(self.out_zp, dtype=torch.int32), self.out_qmin, self.out_qmax)
-
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         a, b = a.to(torch.int64), b.to(torch.int64)
         if self.rounding == "xnnpack":
@@ -556,9 +554,6 @@ class IntLUT(IntLayer):
         self.out_qmin, self.out_qmax = out_qp.qmin, out_qp.qmax
         self.act_min, self.act_max = act_range(out_qp, None, clamp)
         self.register_buffer("table", table.clamp(self.act_min, self.act_max).to(torch.int32))
-
-    def out_qparams(self) -> QParams:
-        return QParams(self.out_scale, torch.tensor(self.out_zp, dtype=torch.int32), self.out_qmin, self.out_qmax)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.table[(x + 128).long()]

@@ -43,7 +43,7 @@ from quant.fold import fold_bn_params
 from quant.kernels import (IntAdd, IntAvgPool2d, IntCat, IntClamp, IntConv2d, IntHardSwish, IntLayer, IntLinear,
                            IntLogistic, IntLUT, IntMaxPool2d, QuantizeInput, act_range)
 from quant.observers import WEIGHT_RANGES, Observer, build_observer
-from quant.qparams import QParams, dequantize, fake_quantize, quantize, round_half_away
+from quant.qparams import QParams, dequantize, fake_quantize, quantize, round_half_away, shifted_bounds
 
 
 class FakeQuantize(nn.Module):
@@ -270,10 +270,7 @@ class LSQQuantize(FakeQuantize):
             shape = [1] * x.dim()
             shape[self.axis] = -1
             s, zp = s.reshape(shape), zp.reshape(shape)
-            out = _LSQFunction.apply(x, s, self.qmin - zp, self.qmax - zp, g)
-        else:  # python bounds: the fast clamp and masks
-            z = int(zp)
-            out = _LSQFunction.apply(x, s, float(self.qmin - z), float(self.qmax - z), g)
+        out = _LSQFunction.apply(x, s, *shifted_bounds(self.qmin, self.qmax, zp, x.dtype), g)
         if self.offset is not None and torch.is_grad_enabled() and self.offset.requires_grad:
             with torch.no_grad():
                 v = x / s

@@ -157,8 +157,14 @@ def fake_quantize(x: torch.Tensor, qp: QParams) -> torch.Tensor:
     [qmin, qmax] and is zero outside (no gradient for scale or zero point).
     """
     scale, zp = qp.shaped(x)
-    if zp.numel() == 1:  # per tensor: python bounds, the fast clamp and backward
+    return _FakeQuantSTE.apply(x, scale.to(x.dtype), *shifted_bounds(qp.qmin, qp.qmax, zp, x.dtype))
+
+
+def shifted_bounds(qmin: int, qmax: int, zp: torch.Tensor, dtype: torch.dtype) -> tuple:
+    """(qmin - zp, qmax - zp), the clamp bounds of x / scale: python floats for a single zero point (per
+    tensor: the scalar clamp and masks, several times faster on a CPU than tensor bounds), else tensors."""
+    if zp.numel() == 1:
         z = int(zp)
-        return _FakeQuantSTE.apply(x, scale.to(x.dtype), float(qp.qmin - z), float(qp.qmax - z))
-    zp = zp.to(x.dtype)
-    return _FakeQuantSTE.apply(x, scale.to(x.dtype), qp.qmin - zp, qp.qmax - zp)
+        return float(qmin - z), float(qmax - z)
+    zp = zp.to(dtype)
+    return qmin - zp, qmax - zp

@@ -82,3 +82,29 @@ def test_whole_model_integer_matches_fake_quant(dataset, name, weight_range, bit
     quant.set_requant(q, q.quant_config.rounding)  # back to the engine's rounding: exactly the engine
     with torch.no_grad():
         assert torch.equal(quantize_tensor(q(x), im.output_qparams()), q_int)
+
+
+def test_cpu_chunks_give_the_same_integers(monkeypatch):
+    """forward_int splits a large CPU batch into chunks by the size of its largest tensor; every chunking
+    (one image at a time, a few, none) gives the same integers."""
+    torch.manual_seed(0)
+    model = _randomise_bn(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 4 * 4, 10)), seed=0)
+    q = quantize(model, QuantConfig(observer="minmax", weight_bits=4, act_bits=4))
+    calibrate(q, [torch.randn(16, 3, 8, 8)])
+    x = torch.randn(50, 3, 8, 8) * 1.3
+    whole = convert(q)
+    whole.cpu_chunk_elements = 0
+    expected = whole.forward_int(x)
+    assert whole._peak_per_image is None  # no chunks: nothing measured
+    calls = []
+    for elements in (1, 3 * 8 * 8 * 8, 10 ** 9):
+        im = convert(q)
+        im.cpu_chunk_elements = elements
+        forward = im._forward_int
+        monkeypatch.setattr(im, "_forward_int", lambda x, fuse: calls.append(len(x)) or forward(x, fuse))
+        calls.clear()
+        assert torch.equal(im.forward_int(x), expected), elements
+        assert im._peak_per_image == 8 * 8 * 8  # the conv's output, per image
+        assert sum(calls) == 50 and calls[0] == 8  # a first chunk of 8 measures the peak
+        assert max(calls[1:]) == {1: 1, 3 * 8 * 8 * 8: 3, 10 ** 9: 42}[elements], calls

@@ -2,6 +2,7 @@
 of a small grid end to end (interrupted, resumed, cached; the Markdown's numbers are the CSV's)."""
 import csv
 import re
+import subprocess
 
 import pytest
 
@@ -286,3 +287,39 @@ def test_zoo_grid_takes_the_shipped_zoo_models(tmp_path):
     rows = _csv(tmp_path / "dry" / "results.csv")
     assert [(x["dataset"], x["model"], x["bits"], x["method"]) for x in rows] == [("cifar10", "resnet8", "8", "ptq")]
     assert (tmp_path / "dry" / "accuracy_vs_bits.png").exists()
+
+
+def test_retrain_is_resumable_and_replaces_ckpt_only_when_finished(tmp_path, monkeypatch):
+    """--retrain trains into <out>/float/ with train.py (here a stand-in that writes its checkpoints), passes
+    --resume to a training that has a checkpoint, and copies only finished ones over ckpt/."""
+    from quant.io import save_checkpoint
+    calls, stop_at, exit_status = [], {"cnn": 1, "cnn_bn": 2}, {"cnn": 130, "cnn_bn": 0}
+
+    def fake_train(cmd, cwd, env):
+        model = cmd[cmd.index("--model") + 1]
+        calls.append((model, "--resume" in cmd))
+        save_checkpoint({"model": {"w": model}, "config": {"epochs": 2}, "epoch": stop_at[model],
+                         "metrics": {"test_acc": 50.0}}, cmd[cmd.index("--out") + 1])
+        return subprocess.CompletedProcess(cmd, exit_status[model])
+
+    monkeypatch.setattr(reproduce.subprocess, "run", fake_train)
+    args = reproduce.parse_args(["--datasets", "fashion_mnist", "--models", "cnn,cnn_bn", "--bits", "8",
+                                 "--methods", "ptq", "--jobs", "2", "--device", "cpu"])
+    cells, out, ckpt_dir = reproduce.make_cells(args), tmp_path / "out", tmp_path / "ckpt"
+    ckpt_dir.mkdir()
+    (ckpt_dir / "fashion_mnist_cnn.pt").write_bytes(b"shipped")
+    with pytest.raises(CLIError, match="train.py failed for fashion_mnist/cnn"):
+        reproduce.retrain(args, cells, out, ckpt_dir)
+    assert sorted(calls) == [("cnn", False), ("cnn_bn", False)]
+    assert (ckpt_dir / "fashion_mnist_cnn.pt").read_bytes() == b"shipped"  # the interrupted one: untouched
+    assert not (ckpt_dir / "fashion_mnist_cnn_bn.pt").exists()  # nothing copied before every training finished
+    exit_status["cnn"] = 0  # train.py exits 0 but its checkpoint stopped short: refused, not copied
+    with pytest.raises(CLIError, match="stopped after epoch 1 of 2"):
+        reproduce.retrain(args, cells, out, ckpt_dir)
+    assert (ckpt_dir / "fashion_mnist_cnn.pt").read_bytes() == b"shipped"
+    calls.clear()
+    stop_at["cnn"] = 2
+    reproduce.retrain(args, cells, out, ckpt_dir)
+    assert sorted(calls) == [("cnn", True), ("cnn_bn", True)]
+    for m in ("cnn", "cnn_bn"):
+        assert (ckpt_dir / f"fashion_mnist_{m}.pt").read_bytes() == (out / f"float/fashion_mnist_{m}.pt").read_bytes()

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 import quant
-from data import Loader, get_loaders, load_split, synthetic_split
+from data import EVAL_BATCH_SIZE, Loader, get_loaders, load_split, synthetic_split
 from models import build_model
 from utils.args import results_file
 from utils.cli import CLIError, check_names, set_seed
@@ -135,7 +135,7 @@ def make_data(args: argparse.Namespace, device: torch.device) -> tuple[Loader, L
         train, test = load_split(args.dataset, "train", args.data_root), load_split(args.dataset, "test", args.data_root)
     calib = Loader(train.images, train.labels, args.dataset, args.calib_batch_size, train=True, augment="",
                    device=device, seed=args.seed, source=train.source)
-    return calib, Loader(test.images, test.labels, args.dataset, 1000, device=device, source=test.source)
+    return calib, Loader(test.images, test.labels, args.dataset, EVAL_BATCH_SIZE, device=device, source=test.source)
 
 
 def print_table(row: dict) -> None:

@@ -149,13 +149,16 @@ def render_ptq_methods(results: Path) -> str:
 
 
 def render_int_speed(results: Path) -> str:
-    """Latest bench/int_engine.py row per data set, model, bits and rounding."""
-    latest = {(r["dataset"], r["model"], r["bits"], r["rounding"]): r for r in read_rows(results / "int_engine_speed.csv")}
-    lines = ["| data set | model | bits | rounding | float model | integer engine | images/s float / integer |",
-             "|---|---|---|---|---|---|---|"]
-    for (ds, model, bits, rnd), r in sorted(latest.items()):
-        lines.append(f"| {DATASET_LABEL[ds]} | {model} | {bits} | {rnd} | {r['float_s']} s | {r['int_s']} s "
-                     f"| {int(r['float_img_per_s']):,} / {int(r['int_img_per_s']):,} |")
+    """Latest bench/int_engine.py row per data set, model, bits, rounding and CPU chunk size (rows from before
+    the engine ran in chunks have no chunk_elements and are left out)."""
+    latest = {(r["dataset"], r["model"], r["bits"], r["rounding"], int(r["chunk_elements"])): r
+              for r in read_rows(results / "int_engine_speed.csv") if r.get("chunk_elements")}
+    lines = ["| data set | model | bits | rounding | engine chunks (elements of the largest tensor) | float model "
+             "| integer engine | images/s float / integer | integer / float |", "|---|---|---|---|---|---|---|---|---|"]
+    for (ds, model, bits, rnd, chunk), r in sorted(latest.items()):
+        lines.append(f"| {DATASET_LABEL[ds]} | {model} | {bits} | {rnd} | {f'{chunk:,}' if chunk else 'none (batch 1000)'} "
+                     f"| {r['float_s']} s | {r['int_s']} s | {int(r['float_img_per_s']):,} / {int(r['int_img_per_s']):,} "
+                     f"| {r['int_over_float']} |")
     return "\n".join(lines)
 
 
