@@ -111,10 +111,10 @@ class IntModel(nn.Module):
         fuse_pool: run conv→maxpool pairs as one step, pooling the accumulators before
         requantization (identical integers, since requantization is monotone; about 4x less work).
 
-        On the CPU a large batch runs in chunks whose largest tensor holds about ``CPU_CHUNK_ELEMENTS``
-        values: the int64 requantization passes are memory-bound, and on these CPUs a batch of 1000
-        ResNet-20 images took 2.9x as long as the same images in chunks of 100 (each image's integers
-        do not depend on the others, so the result is the same).
+        On the CPU a large batch runs in chunks whose largest tensor holds about ``cpu_chunk_elements``
+        values: the int64 requantization passes are memory-bound, and batches of 1000 ResNet-20 images
+        took 2.8x as long whole as in such chunks (bench/int_engine.py). Each image's integers depend on
+        that image alone, so the result is the same.
         """
         if x.device.type != "cpu" or x.shape[0] <= 1 or not self.cpu_chunk_elements:
             return self._forward_int(x, fuse_pool)[0]
@@ -127,8 +127,9 @@ class IntModel(nn.Module):
         outs += [self._forward_int(x[i:i + step], fuse_pool)[0] for i in range(start, x.shape[0], step)]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
-    #: elements of the largest tensor of one CPU chunk (12 MB of int64), 0: no chunks. Fastest at 1.5-3M
-    #: on ResNet-20, MobileNetV2 and the seed cnn (bench/int_engine.py --chunk-elements 0 1500000 ...)
+    #: elements of the largest tensor of one CPU chunk (12 MB of int64), 0: no chunks. On ResNet-20 500k
+    #: was 9% faster and 6M 55% slower (bench/int_engine.py --chunk-elements 0 500000 1500000 6000000);
+    #: MobileNetV2's chunks of 786k were slower than 1.5M (more, smaller calls)
     cpu_chunk_elements = 1_500_000
     _peak_per_image: int | None = None
 
