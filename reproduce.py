@@ -224,15 +224,22 @@ def file_sha1(path: Path) -> str:
     return hashlib.sha1(path.read_bytes()).hexdigest()
 
 
+def jobs_env(jobs: int) -> dict[str, str]:
+    """The environment of a subprocess that runs beside ``jobs - 1`` others: cores / jobs threads each,
+    unless OMP_NUM_THREADS is set already."""
+    env = dict(os.environ)
+    if jobs > 1 and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    return env
+
+
 def retrain(args: argparse.Namespace, cells: list[Cell], out: Path, ckpt_dir: Path = REPO_ROOT / "ckpt") -> None:
     """Train the float checkpoint of every (data set, model) in the grid with train.py's default recipe,
     ``--jobs`` at once, each into <out>/float/ (every epoch, atomically); a finished one is then copied
     over ckpt/<dataset>_<model>.pt. Resumable: rerunning continues each training from its last epoch
     (train.py --resume), and an interrupted one never touches the shipped checkpoint."""
     pairs = list(dict.fromkeys((c.dataset, c.model) for c in cells))
-    env = dict(os.environ)
-    if args.jobs > 1 and "OMP_NUM_THREADS" not in env:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // min(args.jobs, len(pairs))))
+    env = jobs_env(min(args.jobs, len(pairs)))
 
     def train(pair: tuple[str, str]) -> tuple[tuple[str, str], int, Path]:
         d, m = pair
@@ -276,9 +283,7 @@ class Runner:
     def __init__(self, args: argparse.Namespace, out: Path, scratch: Path):
         self.args, self.out, self.scratch = args, out, scratch
         self.procs: dict[Cell, subprocess.Popen] = {}
-        self.env = dict(os.environ)
-        if args.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
-            self.env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
+        self.env = jobs_env(args.jobs)
 
     def plan(self, cell: Cell, float_id: str) -> Run:
         a = self.args
