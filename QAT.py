@@ -164,7 +164,8 @@ def run(args: argparse.Namespace, cfg: dict, qcfg: quant.QuantConfig, qat_cfg: q
                                   "kd_weight", "kd_temp", "teacher", "bn_momentum", "fold_grad_scale")},
            "ptq_fq_acc": round(ptq_acc, 2), "float_acc": round(res["float_acc"], 2), "fq_acc": round(res["fq_acc"], 2),
            "int_acc": round(res["int_acc"], 2), "agreement": round(res["agreement"], 3),
-           "int_seconds": round(res["int_seconds"], 2), "float_seconds": round(res["float_seconds"], 2),
+           "int_seconds": round(res["int_seconds"], 2), "fq_seconds": round(res["fq_seconds"], 2),
+           "float_seconds": round(res["float_seconds"], 2),
            "seconds": round(time.perf_counter() - t0, 1), "data_source": test.source, "float_ckpt": ckpt_path,
            "device": str(device), "processes": ctx.world_size, **versions()}
     print_table(row)

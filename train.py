@@ -23,7 +23,7 @@ from utils.cli import RESUME_HINT, CLIError, check_names, one_line_errors, set_s
 from utils.io import append_csv_row, load_checkpoint, save_checkpoint, versions
 from utils.pipeline import check_distillation, check_matches, load_teacher, make_ema, make_loaders, make_optimizer
 from utils.recipes import model_recipe
-from utils.training import evaluate, train_epoch
+from utils.training import PRECISIONS, evaluate, train_epoch
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,7 +35,7 @@ def fill_recipe(args: argparse.Namespace) -> dict:
     check_names(args.dataset, args.model)
     cfg = dict(model_recipe(args.dataset, args.model), dataset=args.dataset, model=args.model, seed=args.seed)
     for key in ("optimizer", "sam_rho", "ema_decay", "epochs", "lr", "batch_size", "weight_decay", "label_smoothing", "augment",
-                "teacher", "kd_weight", "kd_temp"):
+                "teacher", "kd_weight", "kd_temp", "precision"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     if args.dry_run and args.epochs is None:
@@ -92,7 +92,8 @@ def run(args: argparse.Namespace, cfg: dict, ctx: distributed.Dist, device: torc
     if args.resume:
         ckpt = load_checkpoint(out, "run without --resume to start a new training")
         check_matches(ckpt, cfg, out)
-        if {k: v for k, v in ckpt["config"].items() if k != "seed"} != {k: v for k, v in cfg.items() if k != "seed"}:
+        old = {"precision": "fp32", **ckpt["config"]}  # checkpoints from before --precision trained in fp32
+        if {k: v for k, v in old.items() if k != "seed"} != {k: v for k, v in cfg.items() if k != "seed"}:
             raise CLIError(f"{out} was trained with a different recipe {ckpt['config']}; pass the same flags to --resume")
         model.load_state_dict(ckpt["raw_model"] if ema is not None else ckpt["model"])
         if ema is not None:
@@ -115,7 +116,7 @@ def run(args: argparse.Namespace, cfg: dict, ctx: distributed.Dist, device: torc
                               desc=f"epoch {epoch + 1}/{cfg['epochs']}",
                               after_step=None if ema is None else lambda: ema.update_parameters(model),
                               sam_rho=cfg["sam_rho"], teacher=teacher, kd_weight=cfg["kd_weight"],
-                              kd_temp=cfg["kd_temp"], progress=ctx.main)
+                              kd_temp=cfg["kd_temp"], progress=ctx.main, autocast=PRECISIONS[cfg["precision"]])
         metrics = distributed.mean_over_ranks(metrics, ("train_loss", "train_acc"), ctx)
         for held in (model,) if ema is None else (model, ema):
             distributed.check_same_state(held, ctx, f"after epoch {epoch + 1}")

@@ -2,13 +2,14 @@
 
     python bench/epoch_time.py                                  # float epochs, all data sets and models
     python bench/epoch_time.py --methods float ste lsq          # QAT epochs beside float ones, with ratios
+    python bench/epoch_time.py --dataset cifar10 --model resnet8 resnet20 mobilenetv2 --methods float bf16 --steps 40
     python bench/epoch_time.py --dataset fashion_mnist --model cnn --repeats 1
     python bench/epoch_time.py --dataset cifar10 --model resnet8 resnet20 mobilenetv2 --methods float ste lsq --steps 40
 
 Each repeat times one full pass of the loader alone (batching, shuffling, augmentation), then one
 full training epoch per method, interleaved (float, ste, lsq, float, ...) so that every method
 sees the same machine load: ``float`` is train.py's training step (cross-entropy, no teacher);
-``kd`` the same with the distillation teacher(s) of the model's recipe (train.py's default on
+``bf16`` the same with ``--precision bf16`` (autocast to bfloat16); ``kd`` the float step with the distillation teacher(s) of the model's recipe (train.py's default on
 Fashion-MNIST: one more forward pass per batch and teacher; skipped where the recipe has none); ``ste`` and ``lsq`` are QAT.py's
 training step at --bits (fake quantization of every tensor, BatchNorm statistics and activation
 ranges still updating: the dearer phase of a QAT run). Reports medians, and for QAT the ratio of
@@ -34,7 +35,7 @@ from utils.pipeline import FreezeSchedule, build_qat_model, load_teacher, make_o
 from utils.recipes import RECIPES, model_recipe  # noqa: E402
 from utils.cli import resolve_device, set_seed  # noqa: E402
 from utils.io import append_csv_row, versions  # noqa: E402
-from utils.training import train_epoch  # noqa: E402
+from utils.training import PRECISIONS, train_epoch  # noqa: E402
 
 
 def make_trainee(method: str, name: str, dataset: str, recipe: dict, bits: int, train, device, epochs: int):
@@ -42,7 +43,9 @@ def make_trainee(method: str, name: str, dataset: str, recipe: dict, bits: int, 
     set_seed(0)
     model = build_model(name, dataset).to(device).to(memory_format=torch.channels_last)
     extra = {}
-    if method == "kd":
+    if method == "bf16":
+        extra = dict(autocast=PRECISIONS["bf16"])
+    elif method == "kd":
         extra = dict(teacher=load_teacher(dict(recipe, dataset=dataset), device), kd_weight=recipe["kd_weight"],
                      kd_temp=recipe["kd_temp"])
     elif method != "float":
@@ -80,9 +83,9 @@ def main() -> None:
     p.add_argument("--model", choices=sorted({m for ms in MODELS.values() for m in ms}), nargs="*",
                    default=["cnn", "cnn_bn"], help="models (default: cnn cnn_bn; each where its data set has it, "
                    "e.g. --dataset cifar10 --model resnet8 for the zoo)")
-    p.add_argument("--methods", choices=["float", "kd", "ste", "lsq"], nargs="*", default=["float", "kd"],
-                   help="float training, float training with the recipe's distillation teacher, and/or QAT with "
-                        "the ste or lsq quantizer (default: float kd)")
+    p.add_argument("--methods", choices=["float", "bf16", "kd", "ste", "lsq"], nargs="*", default=["float", "kd"],
+                   help="float training, float training autocast to bfloat16, float training with the recipe's "
+                        "distillation teacher, and/or QAT with the ste or lsq quantizer (default: float kd)")
     p.add_argument("--bits", type=int, default=4, help="QAT bit width (the cost does not depend on it; default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed epochs per model and method (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")

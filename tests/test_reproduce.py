@@ -323,3 +323,18 @@ def test_retrain_is_resumable_and_replaces_ckpt_only_when_finished(tmp_path, mon
     assert sorted(calls) == [("cnn", True), ("cnn_bn", True)]
     for m in ("cnn", "cnn_bn"):
         assert (ckpt_dir / f"fashion_mnist_{m}.pt").read_bytes() == (out / f"float/fashion_mnist_{m}.pt").read_bytes()
+
+
+def test_epoch_time_table_pairs_bf16_and_teacher_rows_of_the_same_run(tmp_path):
+    from utils.io import append_csv_row
+    from utils.report import render_epoch_time
+    base = dict(dataset="cifar10", model="resnet8", device="cpu", threads=1, batch_size=128, repeats=3,
+                loader_img_per_s=30000, train_img_per_s=900, git_commit="abc")
+    append_csv_row(tmp_path / "epoch_time.csv", dict(base, method="float", epoch_s=90.0))
+    append_csv_row(tmp_path / "epoch_time.csv", dict(base, method="bf16", epoch_s=55.0, ratio_vs_float=0.61))
+    line = render_epoch_time(tmp_path).splitlines()[-1]
+    assert line.startswith("| CIFAR-10 | resnet8 | 90.0 | 0.61 | — |"), line
+    # a later float run without bf16 beside it shows no ratio (the old one timed other code)
+    append_csv_row(tmp_path / "epoch_time.csv", dict(base, method="float", epoch_s=80.0, git_commit="def"))
+    line = render_epoch_time(tmp_path).splitlines()[-1]
+    assert line.startswith("| CIFAR-10 | resnet8 | 80.0 | — | — |"), line

@@ -41,13 +41,40 @@ def test_dry_run_end_to_end_json(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [(), ("--ema-decay", "0.9", "--sam-rho", "0.05", "--kd-weight", "0")],
-                         ids=["sgd-distilled", "sam-ema"])
+@pytest.mark.parametrize("extra", [(), ("--ema-decay", "0.9", "--sam-rho", "0.05", "--kd-weight", "0"),
+                                   ("--precision", "bf16", "--dataset", "cifar10", "--model", "cnn_bn")],
+                         ids=["sgd-distilled", "sam-ema", "bf16"])
 def test_resume_continues_where_it_stopped(tmp_path, extra):
     common = ("train.py", "--dry-run", "--epochs", "3", "--device", "cpu", "--seed", "5", *extra)
     resumed, straight = check_resume(common, 3, tmp_path)
     wa, wb = resumed["model"], straight["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wb)  # interrupted + resumed == uninterrupted
+    precision = "bf16" if "bf16" in extra else "fp32"
+    assert resumed["config"]["precision"] == precision
+    assert all(v.dtype in (torch.float32, torch.int64) for v in wa.values())  # bf16 trains float32 weights
+
+
+@pytest.mark.slow
+def test_bf16_changes_the_training_and_old_checkpoints_still_resume(tmp_path):
+    """--precision bf16 reaches the passes (other weights than fp32 from the same seed); a checkpoint
+    written before --precision existed (no such key: it trained in fp32) resumes as fp32."""
+    common = ("train.py", "--dry-run", "--dataset", "cifar10", "--model", "cnn_bn", "--device", "cpu")
+    paths = {p: tmp_path / f"{p}.pt" for p in ("fp32", "bf16")}
+    for precision, path in paths.items():
+        r = run_script(*common, "--precision", precision, "--out", str(path))
+        assert r.returncode == 0, r.stderr
+    w32, w16 = _weights(paths["fp32"]), _weights(paths["bf16"])
+    assert not all(torch.equal(w32[k], w16[k]) for k in w32)
+    old = tmp_path / "old.pt"
+    r = run_script(*common, "--epochs", "2", "--stop-after", "1", "--out", str(old))
+    assert r.returncode == 0, r.stderr
+    ckpt = torch.load(old, weights_only=False)
+    del ckpt["config"]["precision"]
+    torch.save(ckpt, old)
+    r = run_script(*common, "--epochs", "2", "--resume", "--out", str(old))
+    assert r.returncode == 0 and "resuming" in r.stdout, r.stderr
+    r = run_script(*common, "--epochs", "2", "--resume", "--precision", "bf16", "--out", str(old))
+    assert r.returncode == 2 and "different recipe" in r.stderr
 
 
 @pytest.mark.slow

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from quant.config import LAYER_FIELDS, QuantConfig
+from utils.training import PRECISIONS
 from utils.recipes import (COMMON, MODEL_QAT_RECIPES, MODEL_RECIPES, ONE_CYCLE, QAT_RECIPES, RECIPES, model_recipe,
                            qat_recipe)
 
@@ -243,6 +244,9 @@ def train_parser(description: str | None = None) -> argparse.ArgumentParser:
     rec.add_argument("--kd-weight", type=float, metavar="W", help="weight of the distillation term, 0..1 "
                      f"(default: {train_default('kd_weight')})")
     rec.add_argument("--kd-temp", type=float, metavar="T", help=f"distillation temperature (default: {train_default('kd_temp')})")
+    rec.add_argument("--precision", choices=tuple(PRECISIONS), help="bf16: forward and backward passes autocast to "
+                     "bfloat16 (weights, optimizer and evaluation stay float32); faster on GPUs and on CPUs with "
+                     f"AVX512-BF16 or AMX, slower elsewhere (default: {train_default('precision')})")
     run = add_group(p, "output and run control")
     run.add_argument("--out", default=None, metavar="FILE", help=f"checkpoint path (default: {RUNS_DIR}/ckpt/<dataset>_"
                      f"<model>.pt, git-ignored; with --eval-only: the shipped ckpt/<dataset>_<model>.pt; "

@@ -24,10 +24,10 @@ FMNIST_ENSEMBLE = FMNIST_TEACHER + ",ckpt/teachers/fashion_mnist_cnn.pt"
 RECIPES = {
     "fashion_mnist": dict(optimizer="sgd", sam_rho=0.0, ema_decay=0.0, epochs=60, lr=0.05, batch_size=128,
                           weight_decay=5e-4, momentum=0.9, label_smoothing=0.1, augment="",
-                          teacher=FMNIST_TEACHER, kd_weight=0.5, kd_temp=4.0),
+                          teacher=FMNIST_TEACHER, kd_weight=0.5, kd_temp=4.0, precision="fp32"),
     "cifar10": dict(optimizer="sgd", sam_rho=0.0, ema_decay=0.0, epochs=40, lr=0.05, batch_size=128,
                     weight_decay=5e-4, momentum=0.9, label_smoothing=0.0, augment="crop4,flip",
-                    teacher="", kd_weight=0.0, kd_temp=4.0),
+                    teacher="", kd_weight=0.0, kd_temp=4.0, precision="fp32"),
 }
 
 

@@ -80,18 +80,22 @@ def distilled_from(row: dict[str, str]) -> str:
 
 
 def render_epoch_time(results: Path) -> str:
-    """Latest benchmark row per data set and model from bench/epoch_time.py, with the epoch time with the
-    recipe's distillation teacher (method kd) measured in the same run where there is one."""
+    """Latest benchmark row per data set and model from bench/epoch_time.py, with the bfloat16 epoch's time as a
+    ratio to the float one (method bf16) and the epoch time with the recipe's distillation teacher (method kd),
+    each measured in the same run where there is one."""
     rows = read_rows(results / "epoch_time.csv")
     latest = {(r["dataset"], r["model"]): r for r in rows if r.get("method", "float") in ("", "float")}
-    kd = {(r["dataset"], r["model"], r["git_commit"], r["repeats"]): r for r in rows if r.get("method") == "kd"}
-    lines = ["| data set | model | s / epoch (median) | with the recipe's teacher | loader only, img/s | training, img/s "
-             "| threads |",
-             "|---|---|---|---|---|---|---|"]
+    beside = {(r["dataset"], r["model"], r["git_commit"], r["repeats"], r["method"]): r for r in rows
+              if r.get("method") in ("kd", "bf16")}
+    lines = ["| data set | model | s / epoch (median) | bf16 / float | with the recipe's teacher | loader only, img/s "
+             "| training, img/s | threads |",
+             "|---|---|---|---|---|---|---|---|"]
     for (ds, model), r in sorted(latest.items(), key=lambda kv: (kv[0][0] != "fashion_mnist", kv[0][1])):
-        with_teacher = kd.get((ds, model, r["git_commit"], r["repeats"]))
-        lines.append(f"| {DATASET_LABEL[ds]} | {model} | {r['epoch_s']} | {with_teacher['epoch_s'] if with_teacher else '—'} "
-                     f"| {int(r['loader_img_per_s']):,} | {int(r['train_img_per_s']):,} | {r['threads']} |")
+        bf16, kd = (beside.get((ds, model, r["git_commit"], r["repeats"], m)) for m in ("bf16", "kd"))
+        ratio = f"{float(bf16['ratio_vs_float']):.2f}" if bf16 else "—"
+        lines.append(f"| {DATASET_LABEL[ds]} | {model} | {r['epoch_s']} | {ratio} "
+                     f"| {kd['epoch_s'] if kd else '—'} | {int(r['loader_img_per_s']):,} | {int(r['train_img_per_s']):,} "
+                     f"| {r['threads']} |")
     return "\n".join(lines)
 
 

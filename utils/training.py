@@ -10,6 +10,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 
+#: train.py --precision: the dtype the forward and backward passes autocast to (None: float32 throughout).
+#: Weights, optimizer state and evaluation stay float32; bf16 needs no loss scaling.
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
+
+
 def to_input(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Move a batch to ``device`` in channels-last layout (faster convolutions on CPU)."""
     return x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
@@ -20,8 +25,10 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
                 label_smoothing: float = 0.0, desc: str = "train",
                 after_step: Callable[[], None] | None = None, sam_rho: float = 0.0,
                 teacher: nn.Module | None = None, kd_weight: float = 0.0, kd_temp: float = 4.0,
-                progress: bool = True) -> dict[str, float]:
+                progress: bool = True, autocast: torch.dtype | None = None) -> dict[str, float]:
     """Train for one pass over ``loader``; returns mean loss, accuracy (%) and seconds.
+
+    ``autocast`` (a ``PRECISIONS`` value) runs the forward passes (and so their backward) in that dtype.
 
     sam_rho > 0 takes sharpness-aware minimisation steps (SAM, Foret et al. 2021): the gradient
     that ``optimizer`` applies is the one at the weights moved by rho along the normalised gradient.
@@ -32,17 +39,21 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
     bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0, disable=not progress)
     for x, y in bar:
         x, y = to_input(x, device), y.to(device)
-        out = model(x)
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            out = model(x)
+            if teacher is not None and kd_weight > 0:
+                with torch.no_grad():
+                    target = teacher(x)
+            out = out.float()
         if teacher is not None and kd_weight > 0:
-            with torch.no_grad():
-                target = teacher(x)
-            loss = distill_loss(out, target, y, kd_weight, kd_temp, label_smoothing)
+            loss = distill_loss(out, target.float(), y, kd_weight, kd_temp, label_smoothing)
         else:
             loss = F.cross_entropy(out, y, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if sam_rho > 0:
-            sam_second_pass(model, x, y, sam_rho, label_smoothing)
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                sam_second_pass(model, x, y, sam_rho, label_smoothing)
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
