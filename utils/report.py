@@ -63,12 +63,13 @@ def render_train(results: Path) -> str:
         if shipped(row):
             latest[(row["dataset"], row["model"])] = row
     lines = ["| data set | model | test acc | seed | epochs | lr | batch | weight decay | label smoothing | augment "
-             "| distilled from (weight, T) | run time |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| distilled from (weight, T) | precision | run time |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (ds, model), r in sorted(latest.items(), key=lambda kv: (kv[0][0] != "fashion_mnist", kv[0][1])):
         lines.append(f"| {dataset_label(ds, r.get('data_source', ''))} | {model} | {float(r['test_acc']):.2f}% | {r['seed']} | {r['epochs']} "
                      f"| {r['lr']} | {r['batch_size']} | {r['weight_decay']} | {r['label_smoothing']} "
-                     f"| {r['augment'] or 'none'} | {distilled_from(r)} | {float(r['run_seconds']) / 60:.1f} min |")
+                     f"| {r['augment'] or 'none'} | {distilled_from(r)} | {r.get('precision') or 'fp32'} "
+                     f"| {float(r['run_seconds']) / 60:.1f} min |")
     return "\n".join(lines)
 
 
