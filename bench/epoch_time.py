@@ -9,8 +9,9 @@
 Each repeat times one full pass of the loader alone (batching, shuffling, augmentation), then one
 full training epoch per method, interleaved (float, ste, lsq, float, ...) so that every method
 sees the same machine load: ``float`` is train.py's training step (cross-entropy, no teacher);
-``bf16`` the same with ``--precision bf16`` (autocast to bfloat16); ``kd`` the float step with the distillation teacher(s) of the model's recipe (train.py's default on
-Fashion-MNIST: one more forward pass per batch and teacher; skipped where the recipe has none); ``ste`` and ``lsq`` are QAT.py's
+``bf16`` the same with ``--precision bf16`` (autocast to bfloat16); ``kd`` the float step with the
+distillation teacher(s) of the model's recipe (train.py's default on Fashion-MNIST: one more forward
+pass per batch and teacher; skipped where the recipe has none); ``ste`` and ``lsq`` are QAT.py's
 training step at --bits (fake quantization of every tensor, BatchNorm statistics and activation
 ranges still updating: the dearer phase of a QAT run). Reports medians, and for QAT the ratio of
 the medians to the float epoch of the same model, and appends one row per method to
